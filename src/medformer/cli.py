@@ -1,5 +1,112 @@
-"""The `medformer` command."""
+"""The `medformer` command: one entry point, one subcommand per step of the workflow.
+
+Every run command takes ``--config FILE``, ``--set key.path=value`` (repeatable), ``--device``,
+``--seed`` and ``--output`` with the same meaning. Errors a user can fix (bad data, bad config) print
+one line naming the file or key and exit with status 2; commands not available yet exit with 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from medformer import __version__
+from medformer.errors import MedformerError
+
+NOT_AVAILABLE = 3
 
 
-def main(argv=None) -> int:
-    raise SystemExit("medformer: command line not built yet")
+def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
+    if config:
+        p.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
+        p.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a config key, e.g. --set sampler.batch_size=64 (repeatable)",
+        )
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device (default: auto)")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
+    p.add_argument("--output", "-o", metavar="DIR", default=None, help="run folder for results")
+
+
+def _planned(name: str, what: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(
+            f"medformer {name}: {what} is not available yet in medformer {__version__}; "
+            "see the README for the commands that work today.",
+            file=sys.stderr,
+        )
+        return NOT_AVAILABLE
+
+    return run
+
+
+def cmd_data_inspect(args: argparse.Namespace) -> int:
+    from medformer.data.inspect import inspect_path
+
+    reports = inspect_path(args.path, skip_bad=args.skip_bad, progress=not args.quiet, size=args.size)
+    text = "\n\n".join(r.format() for r in reports)
+    print(text)
+    if args.output:
+        out = Path(args.output)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "inspect.json").write_text(json.dumps([r.to_dict() for r in reports], indent=1))
+        (out / "inspect.txt").write_text(text + "\n")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medformer",
+        description="Multitask, multimodal self-supervised pre-training for 2D and 3D medical images.",
+    )
+    parser.add_argument("--version", action="version", version=f"medformer {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    data = sub.add_parser("data", help="look at data before training")
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    insp = data_sub.add_parser(
+        "inspect", help="what a path holds: collections, splits, modalities, shapes, labels, problems"
+    )
+    insp.add_argument("path", help="MedMNIST .npz, folder of them, CSV manifest, dataset.json, or subject folder")
+    insp.add_argument("--skip-bad", action="store_true", help="list bad studies instead of stopping at the first")
+    insp.add_argument("--size", type=int, default=28, help="MedMNIST image size to look for (default 28)")
+    insp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _common(insp, config=False)
+    insp.set_defaults(func=cmd_data_inspect)
+    data.set_defaults(func=lambda a: (data.print_help(), 1)[1])
+
+    planned = {
+        "pretrain": ("self-supervised pre-training on unlabeled collections", "self-supervised pre-training"),
+        "finetune": ("fine-tune a model on one or many labelled tasks", "fine-tuning"),
+        "evaluate": ("metrics and an HTML/Markdown report for a run", "evaluation"),
+        "predict": ("apply a fine-tuned model to new images", "prediction"),
+        "demo": ("the whole workflow on built-in data, in minutes on a CPU", "the demo"),
+        "generate": ("train a cross-modal translator (missing-modality synthesis)", "cross-modal generation"),
+        "adapt": ("adapt a trained model to a new site or collection", "domain adaptation"),
+        "benchmark": ("speed, memory and accuracy benchmarks", "the benchmark command"),
+        "templates": ("export learned modality templates (NIfTI + PNG)", "template export"),
+    }
+    for name, (help_text, what) in planned.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _common(p, config=name not in ("predict", "templates"))
+        p.set_defaults(func=_planned(name, what))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 1
+    try:
+        return int(args.func(args) or 0)
+    except MedformerError as e:
+        print(f"medformer: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("medformer: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,210 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides, validated by pydantic.
+
+Every section forbids unknown keys, so a typo is an error that names the key and the closest valid
+one (``optim.lrr`` -> "did you mean 'optim.lr'?"), and a wrong type names the key and the type it
+expects. Later sections (model, optim, pretext, ...) are added here as the commands grow.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medformer.errors import ConfigError
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataSource(Section):
+    """One collection to use: a MedMNIST file or flag, a CSV manifest, a datalist, or a folder."""
+
+    path: str
+    name: str | None = None  # defaults to the name the reader gives the collection
+    size: int = 28  # MedMNIST image size when `path` is a flag or a folder of MedMNIST files
+    skip_bad: bool = False
+
+
+class PreprocessConfig(Section):
+    """Preprocessing run once per study and cached on disk (see medformer.data.transforms)."""
+
+    orientation: str | None = "RAS"  # reorient 3D volumes to these axis codes; null keeps the file's order
+    spacing: list[float] | None = None  # resample to this voxel size (mm), e.g. [1, 1, 1]
+    resample_to_first: bool = False  # put modalities on different grids onto the first one's grid
+    crop_foreground: bool = True
+    intensity: Literal["percentile", "ct_window", "minmax", "none"] = "percentile"
+    percentiles: tuple[float, float] = (0.5, 99.5)
+    ct_window: tuple[float, float] = (-1000.0, 1000.0)
+    size: list[int] | None = None  # final grid; with `resize: pad_crop` pads/crops, else interpolates
+    resize: Literal["pad_crop", "interpolate"] = "pad_crop"
+
+
+class SamplerConfig(Section):
+    """How micro-batches are drawn across collections (see medformer.data.sampling)."""
+
+    strategy: Literal["proportional", "uniform", "temperature"] = "proportional"
+    temperature: float = Field(2.0, gt=0)
+    batch_size: int = Field(32, ge=1)
+    num_workers: int = Field(0, ge=0)
+
+
+class RunConfig(Section):
+    """Options every command shares, plus the data it reads."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    output: str = "runs/run"
+    cache_dir: str | None = None  # preprocessing cache; default: <output>/../.cache/preprocess
+    data: list[DataSource] = Field(default_factory=list)
+    preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"optim.lr=3e-4"`` -> (["optim", "lr"], 0.0003); values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.path=value")
+    key, raw = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str) and _looks_numeric(value):  # YAML reads "3e-4" as a string
+        value = float(value)
+    return key.strip().split("."), value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (list items by index: ``data.0.path=...``)."""
+    for item in overrides:
+        keys, value = parse_override(item)
+        node: Any = tree
+        for i, k in enumerate(keys[:-1]):
+            if isinstance(node, list):
+                node = node[_index(k, keys[: i + 1], len(node))]
+                continue
+            if not isinstance(node.get(k, {}), (dict, list)):
+                raise ConfigError(f"override {item!r}: {'.'.join(keys[: i + 1])} is not a section")
+            node = node.setdefault(k, {})
+        last = keys[-1]
+        if isinstance(node, list):
+            node[_index(last, keys, len(node))] = value
+        else:
+            node[last] = value
+    return tree
+
+
+def _index(key: str, path: list[str], length: int) -> int:
+    if not key.isdigit() or int(key) >= length:
+        raise ConfigError(f"override key {'.'.join(path)}: {key!r} is not an index of a list of {length}")
+    return int(key)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level of a config must be a mapping of keys")
+    return tree
+
+
+def build_config(cls: type[C], tree: dict[str, Any], source: str = "config") -> C:
+    """Validate a nested dict into `cls`, turning pydantic's report into one clear ConfigError."""
+    try:
+        return cls.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(f"{source}: " + "; ".join(_describe(cls, err) for err in e.errors())) from None
+
+
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None, **defaults: Any
+) -> C:
+    """YAML file (optional) + dotted overrides -> validated config. ``defaults`` fill keys the file
+    does not set (used by commands whose flags, such as ``--seed``, map to config keys)."""
+    tree: dict[str, Any] = load_yaml(path) if path else {}
+    for key, value in defaults.items():
+        if value is not None:
+            tree[key] = value
+    tree = apply_overrides(tree, overrides or [])
+    return build_config(cls, tree, str(path) if path else "config")
+
+
+def _describe(root: type[BaseModel], err: dict[str, Any]) -> str:
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    if err["type"] == "extra_forbidden":
+        valid = _fields_at(root, loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"; did you mean {'.'.join([*loc[:-1], close[0]])!r}?" if close else ""
+        return f"unknown key {key!r}{hint} (valid keys here: {', '.join(valid)})"
+    expected = _expected_type(root, loc)
+    got = err.get("input")
+    return f"key {key!r}: {err['msg'].lower()}" + (f" (expected {expected}, got {got!r})" if expected else "")
+
+
+def _model_at(root: type[BaseModel], loc: list[str]) -> type[BaseModel] | None:
+    model: Any = root
+    for part in loc:
+        if part.isdigit():
+            continue
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        model = _unwrap(model.model_fields[part].annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _unwrap(annotation: Any) -> Any:
+    """list[X] / X | None -> X, so paths walk into nested sections."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple):
+        return _unwrap(typing.get_args(annotation)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _unwrap(args[0]) if len(args) == 1 else annotation
+    return annotation
+
+
+def _fields_at(root: type[BaseModel], loc: list[str]) -> list[str]:
+    model = _model_at(root, loc)
+    return sorted(model.model_fields) if model else []
+
+
+def _expected_type(root: type[BaseModel], loc: list[str]) -> str | None:
+    parent = _model_at(root, [p for p in loc[:-1]])
+    field_name = next((p for p in reversed(loc) if not p.isdigit()), None)
+    if parent is None or field_name not in parent.model_fields:
+        return None
+    ann = parent.model_fields[field_name].annotation
+    return getattr(ann, "__name__", None) if isinstance(ann, type) else str(ann).replace("typing.", "")
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved config next to a run's results, so the run can be repeated exactly."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
