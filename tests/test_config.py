@@ -64,7 +64,7 @@ def test_bad_yaml_and_missing_file(tmp_path):
 
 
 def test_override_syntax_errors():
-    with pytest.raises(ConfigError, match="key.path=value"):
+    with pytest.raises(ConfigError, match=r"key\.path=value"):
         apply_overrides({}, ["seed"])
     with pytest.raises(ConfigError, match="not an index"):
         apply_overrides({"data": [{"path": "a"}]}, ["data.3.path=b"])

@@ -19,7 +19,9 @@ def test_pipeline_outputs_one_grid_scaled_and_sized():
     aff = np.diag([2.0, 1.5, 1.0, 1.0])
     seg = (a > 1.5).astype(np.uint8)
     pre = Preprocessor(PreprocessConfig(spacing=[2.0, 2.0, 2.0], size=[16, 16, 16]))
-    out, masks, meta = pre({"T1": Volume(a, aff, "t1"), "T2": Volume(3 * a, aff, "t2")}, {"tumour": Volume(seg, aff, "s")})
+    out, masks, meta = pre(
+        {"T1": Volume(a, aff, "t1"), "T2": Volume(3 * a, aff, "t2")}, {"tumour": Volume(seg, aff, "s")}
+    )
     assert set(out) == {"T1", "T2"}
     for arr in out.values():
         assert arr.shape == (16, 16, 16) and arr.dtype == np.float32
@@ -58,7 +60,9 @@ def test_ct_window_clips_to_unit_range():
 def test_different_grids_error_names_file_and_modalities():
     a = _head()
     with pytest.raises(DataError) as e:
-        Preprocessor()({"T1": Volume(a, np.eye(4), "sub/T1.nii.gz"), "T2": Volume(a[:30], np.eye(4), "sub/T2.nii.gz")})
+        Preprocessor()(
+            {"T1": Volume(a, np.eye(4), "sub/T1.nii.gz"), "T2": Volume(a[:30], np.eye(4), "sub/T2.nii.gz")}
+        )
     assert "sub/T1.nii.gz" in str(e.value) and "T2" in str(e.value) and "resample_to_first" in str(e.value)
     out, _, _ = Preprocessor(PreprocessConfig(resample_to_first=True, crop_foreground=False))(
         {"T1": Volume(a, np.eye(4), "t1"), "T2": Volume(a[:30], np.eye(4), "t2")}

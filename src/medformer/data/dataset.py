@@ -27,7 +27,9 @@ Batch = dict[str, Any]
 def label_tensor(task: TaskSpec, value: Any) -> torch.Tensor:
     """A label as the tensor its loss expects (missing labels become a placeholder of the right shape)."""
     if task.kind in ("multiclass", "ordinal"):
-        return torch.as_tensor(-1 if value is None else int(np.asarray(value).reshape(-1)[0]), dtype=torch.long)
+        return torch.as_tensor(
+            -1 if value is None else int(np.asarray(value).reshape(-1)[0]), dtype=torch.long
+        )
     if task.kind == "segmentation":
         return torch.as_tensor(np.asarray(value), dtype=torch.long)
     if value is None:
@@ -52,8 +54,10 @@ class CollectionDataset(Dataset):
         studies: Sequence[Study] | None = None,
     ):
         self.collection = collection
-        self.studies = list(studies) if studies is not None else (
-            collection.split(split) if split else list(collection.studies)
+        self.studies = (
+            list(studies)
+            if studies is not None
+            else (collection.split(split) if split else list(collection.studies))
         )
         self.load = load
         self.transform = transform
@@ -74,10 +78,13 @@ def study_to_item(
     shape = study.shape
     images = np.zeros((len(collection.modalities), *shape), dtype=np.float32)
     present = np.zeros(len(collection.modalities), dtype=bool)
+    scale = study.metadata.get("image_scale")  # integer-stored images (large MedMNIST sets)
     for i, m in enumerate(collection.modalities):
         if m in study.images:
             images[i] = study.images[m]
             present[i] = True
+    if scale is not None:
+        images *= scale
     if transform is not None:
         images = np.asarray(transform(images), dtype=np.float32)
     labels, has_label = {}, {}

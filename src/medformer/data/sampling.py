@@ -127,7 +127,10 @@ class _GlobalBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def multi_collection_loader(
-    datasets: Mapping[str, Dataset], sampler: MultiCollectionSampler, num_workers: int = 0, pin_memory: bool = False
+    datasets: Mapping[str, Dataset],
+    sampler: MultiCollectionSampler,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
     """A DataLoader over several collections' datasets that yields one-collection batches."""
     if list(datasets) != sampler.names:

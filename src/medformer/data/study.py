@@ -59,18 +59,22 @@ class TaskSpec:
         arr = np.asarray(value)
         if self.kind == "regression":
             if arr.size != self.num_classes or not np.all(np.isfinite(arr.astype(np.float64))):
-                raise DataError(where, f"label {self.name!r} = {value!r}: expected {self.num_classes} finite value(s)")
+                raise DataError(
+                    where, f"label {self.name!r} = {value!r}: expected {self.num_classes} finite value(s)"
+                )
             return
         if self.kind == "multilabel":
             if arr.size != self.num_classes or not np.isin(arr, (0, 1)).all():
                 raise DataError(
-                    where, f"label {self.name!r}: expected {self.num_classes} values in {{0, 1}}, got {arr.tolist()}"
+                    where,
+                    f"label {self.name!r}: expected {self.num_classes} values in {{0, 1}}, "
+                    f"got {arr.tolist()}",
                 )
             return
         if arr.size == 0 or not np.all(np.isfinite(arr.astype(np.float64))):
             raise DataError(where, f"label {self.name!r} is empty or not finite")
         if not np.all(arr == np.round(arr)) or arr.min() < 0 or arr.max() >= self.num_classes:
-            bad = arr.max() if arr.max() >= self.num_classes else arr.min()
+            bad = (arr.max() if arr.max() >= self.num_classes else arr.min()).item()
             raise DataError(
                 where,
                 f"label {self.name!r} = {bad!r} is out of the declared range 0..{self.num_classes - 1} "
@@ -147,12 +151,14 @@ class Study:
                 mask = self.labels[task.key]
                 if mask.shape != self.shape:
                     raise DataError(
-                        self.where(), f"segmentation {task.name!r} has shape {mask.shape}, image is {self.shape}"
+                        self.where(),
+                        f"segmentation {task.name!r} has shape {mask.shape}, image is {self.shape}",
                     )
                 if mask.min() < 0 or mask.max() >= task.num_classes:
                     raise DataError(
                         self.where(),
-                        f"segmentation {task.name!r} has label {int(mask.max())} outside 0..{task.num_classes - 1}",
+                        f"segmentation {task.name!r} has label {int(mask.max())} "
+                        f"outside 0..{task.num_classes - 1}",
                     )
 
 
@@ -175,7 +181,9 @@ class Collection:
             raise DataError(self.root, f"collection {self.name!r} is empty: no studies were found")
         unknown = {m for s in self.studies for m in s.modalities} - set(self.modalities)
         if unknown:
-            raise DataError(self.root, f"collection {self.name!r}: modalities {sorted(unknown)} not in its vocabulary")
+            raise DataError(
+                self.root, f"collection {self.name!r}: modalities {sorted(unknown)} not in its vocabulary"
+            )
 
     def __len__(self) -> int:
         return len(self.studies)
@@ -194,7 +202,18 @@ class Collection:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise KeyError(f"collection {self.name!r} has no task {name!r} (tasks: {[t.name for t in self.tasks]})")
+        raise KeyError(
+            f"collection {self.name!r} has no task {name!r} (tasks: {[t.name for t in self.tasks]})"
+        )
 
     def subset(self, studies: list[Study], name: str | None = None) -> Collection:
         return replace(self, studies=studies, name=name or self.name)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A study left out because it is bad (with ``skip_bad``): which one, where (a file) and why."""
+
+    study: str
+    where: str
+    problem: str

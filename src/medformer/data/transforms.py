@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -18,25 +17,19 @@ from monai.data import MetaTensor
 from monai.transforms import (
     CropForeground,
     Orientation,
+    ResampleToMatch,
     Resize,
     ResizeWithPadOrCrop,
-    ResampleToMatch,
     ScaleIntensityRange,
     ScaleIntensityRangePercentiles,
     Spacing,
 )
 
 from medformer.config import PreprocessConfig
+from medformer.data.readers import LoadedImage
 from medformer.errors import DataError
 
-
-@dataclass(frozen=True)
-class Volume:
-    """One image as read from disk: array in file index order and its voxel->world (RAS) affine."""
-
-    array: np.ndarray
-    affine: np.ndarray
-    path: str
+Volume = LoadedImage  # one image as read from disk: array in file index order + voxel->RAS affine
 
 
 class Preprocessor:
@@ -68,7 +61,9 @@ class Preprocessor:
                 raise DataError(vol.path, f"modality {name!r} has {bad} NaN/Inf voxel(s)")
         vols = self._on_one_grid(images, first)
         cfg = self.config
-        img = MetaTensor(np.stack([v.array.astype(np.float32) for v in vols]), affine=torch.as_tensor(first.affine))
+        img = MetaTensor(
+            np.stack([v.array.astype(np.float32) for v in vols]), affine=torch.as_tensor(first.affine)
+        )
         masks = masks or {}
         seg = None
         for mask in masks.values():
@@ -86,7 +81,9 @@ class Preprocessor:
             seg = orient(seg) if seg is not None else None
         if cfg.spacing:
             if len(cfg.spacing) != ndim:
-                raise DataError(first.path, f"preprocess.spacing has {len(cfg.spacing)} values, image is {ndim}D")
+                raise DataError(
+                    first.path, f"preprocess.spacing has {len(cfg.spacing)} values, image is {ndim}D"
+                )
             img = Spacing(pixdim=cfg.spacing, mode="bilinear")(img)
             seg = Spacing(pixdim=cfg.spacing, mode="nearest")(seg) if seg is not None else None
         box = None
@@ -119,7 +116,8 @@ class Preprocessor:
 
     def _on_one_grid(self, images: dict[str, Volume], first: Volume) -> list[Volume]:
         differ = [
-            n for n, v in images.items()
+            n
+            for n, v in images.items()
             if v.array.shape != first.array.shape or not np.allclose(v.affine, first.affine, atol=1e-3)
         ]
         if not differ:
@@ -129,7 +127,8 @@ class Preprocessor:
             raise DataError(
                 first.path,
                 f"modalities are on different grids: {desc} differ from {next(iter(images))} "
-                f"{first.array.shape} (shape or affine); set preprocess.resample_to_first=true to resample them",
+                f"{first.array.shape} (shape or affine); "
+                "set preprocess.resample_to_first=true to resample them",
             )
         ref = MetaTensor(first.array[None].astype(np.float32), affine=torch.as_tensor(first.affine))
         out = []
@@ -143,7 +142,9 @@ class Preprocessor:
         cfg = self.config
         if cfg.intensity == "percentile":
             lo, hi = cfg.percentiles
-            return ScaleIntensityRangePercentiles(lo, hi, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)(img)
+            return ScaleIntensityRangePercentiles(lo, hi, b_min=0.0, b_max=1.0, clip=True, channel_wise=True)(
+                img
+            )
         if cfg.intensity == "ct_window":
             lo, hi = cfg.ct_window
             return ScaleIntensityRange(lo, hi, b_min=0.0, b_max=1.0, clip=True)(img)
