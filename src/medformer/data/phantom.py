@@ -16,7 +16,7 @@ solid tumour) with fractions f_t and per-subject relaxation values (T1, T2, PD):
     spin echo (T1w, T1c, T2w):    S_t = PD (1 - exp(-TR/T1)) exp(-TE/T2)
     inversion recovery (FLAIR):   S_t = PD |1 - 2 exp(-TI/T1) + exp(-TR/T1)| exp(-TE/T2)
     image = gain * B(x) * sum_t f_t S_t (1 + a_t n(x)),  B = exp(b(x)) a smooth bias field
-    Rician noise: |image + e_re + i e_im|, e ~ N(0, sigma^2), sigma = noise * gain * max_t S_t
+    Rician noise: |image + e_re + i e_im|, e ~ N(0, sigma^2), sigma = noise * gain * max over GM/WM/CSF of S_t
 
 Gadolinium (T1c only) shortens relaxation in the enhancing rim: 1/T1' = 1/T1 + r1 C, 1/T2' = 1/T2 + r2 C.
 Sequence timings live in a `ScannerProfile`, so a second "scanner" (domain shift) changes TR/TE/TI,
@@ -53,7 +53,7 @@ MODALITIES = ("T1w", "T1c", "T2w", "FLAIR")
 CLASSES = ("background", "necrosis", "oedema", "enhancing")
 NCR, ED, ET = 1, 2, 3
 TISSUES = ("gm", "wm", "csf", "oedema", "necrosis", "tumour")  # "tumour": solid (rim) tumour tissue
-PHANTOM_VERSION = 1  # bump when the same config produces different images, so cohorts are rewritten
+PHANTOM_VERSION = 2  # bump when the same config produces different images, so cohorts are rewritten
 FOV_CENTRE_MNI = (0.0, -18.0, 10.0)  # mm; centre of the brain mask's box, nudged up towards the cerebrum
 GD_RELAXIVITY = (4.0, 5.0)  # r1, r2 of a gadolinium agent, L mmol^-1 s^-1 (rounded; docs/phantom.md)
 TEXTURE = (0.03, 0.03, 0.02, 0.08, 0.08, 0.08)  # relative texture amplitude a_t per tissue
@@ -224,7 +224,7 @@ class PhantomConfig:
 # Per-subject random draws
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SubjectParameters:
     """The scalar random draws of one subject (cheap: no images), from its own seed streams."""
 
@@ -352,26 +352,29 @@ def _template(voxel_size_mm: float) -> _Template:
     except ImportError as err:  # pragma: no cover - nilearn is the `brain` extra
         raise ImportError("the brain phantom needs nilearn: pip install 'medformer[brain]'") from err
     mask_img = datasets.load_mni152_brain_mask(resolution=1)
-    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)
-    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)
     mask = ndi.binary_fill_holes(np.asarray(mask_img.dataobj) > 0)
-    lo = np.maximum(np.argwhere(mask).min(0) - 8, 0)
-    hi = np.argwhere(mask).max(0) + 9
+    where = np.argwhere(mask)
+    lo, hi = np.maximum(where.min(0) - 8, 0), where.max(0) + 9
     box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    gm, wm, brain = gm[box], wm[box], mask[box].astype(np.float32)
-    tissue = gm + wm
-    keep = np.minimum(1.0, brain / np.maximum(tissue, 1e-6))  # GM + WM never exceeds the mask
-    gm, wm = gm * keep, wm * keep
-    maps = np.stack([gm, wm, np.clip(brain - gm - wm, 0.0, 1.0)])
+    brain = mask[box].astype(np.float32)
+    gm = datasets.load_mni152_gm_template(resolution=1).get_fdata(dtype=np.float32)[box]
+    wm = datasets.load_mni152_wm_template(resolution=1).get_fdata(dtype=np.float32)[box]
+    keep = np.minimum(1.0, brain / np.maximum(gm + wm, 1e-6))  # GM + WM never exceeds the mask
+    gm *= keep
+    wm *= keep
+    csf = np.clip(brain - gm - wm, 0.0, 1.0)
     sigma = math.sqrt(max(voxel_size_mm**2 - 1.0, 0.0)) / 2.355  # FWHM of the target voxel, in 1 mm units
     step = max(1.0, voxel_size_mm / 2.0)
-    if sigma > 0:
-        maps = np.stack([ndi.gaussian_filter(m, sigma) for m in maps])
-    if step > 1.0:
-        size = tuple(int((n - 1) // step) + 1 for n in maps.shape[1:])
-        maps = np.stack([ndi.affine_transform(m, [step] * 3, output_shape=size, order=1) for m in maps])
+    size = tuple(int((n - 1) // step) + 1 for n in brain.shape)
+    maps = np.empty((3, *size), np.uint8)
+    for c, m in enumerate((gm, wm, csf)):  # one map at a time keeps the peak memory low
+        if sigma > 0:
+            m = ndi.gaussian_filter(m, sigma)
+        if step > 1.0:
+            m = ndi.affine_transform(m, [step] * 3, output_shape=size, order=1)
+        maps[c] = np.clip(np.rint(m * 255.0), 0, 255)
     origin = (mask_img.affine @ np.r_[lo, 1.0])[:3]
-    return _Template(np.clip(np.rint(maps * 255.0), 0, 255).astype(np.uint8), origin, step)
+    return _Template(maps, origin, step)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], cell: float, n: int = 1) -> np.ndarray:
@@ -485,6 +488,8 @@ def generate_subject(index: int, config: PhantomConfig | None = None) -> dict[st
     (4x4 of the (x, y, z) file), ``spacing`` and ``info`` (lesion volumes, centre, relaxation values).
     """
     config = config or PhantomConfig()
+    if index < 0:
+        raise ValueError(f"subject index must be >= 0, got {index}")
     p = subject_parameters(index, config)
     _, _, rng_fields, rng_tumour, rng_noise = _streams(index, config.seed)
     voxel, shape = float(config.voxel_size_mm), tuple(int(s) for s in config.shape)
