@@ -69,7 +69,8 @@ def test_epochs_differ_and_are_reproducible():
 
 def _collection(name, n, shape):
     studies = [
-        Study(f"{name}{i}", images={"x": np.full(shape, i, np.float32)}, labels={"y": i % 2}) for i in range(n)
+        Study(f"{name}{i}", images={"x": np.full(shape, i, np.float32)}, labels={"y": i % 2})
+        for i in range(n)
     ]
     return Collection(name, len(shape), ["x"], studies, [TaskSpec("y", "binary")])
 
@@ -77,7 +78,9 @@ def _collection(name, n, shape):
 def test_loader_batches_hold_one_collection_each():
     cols = {"flat": _collection("flat", 12, (8, 8)), "vol": _collection("vol", 6, (4, 4, 4))}
     datasets = {k: CollectionDataset(c, split=None) for k, c in cols.items()}
-    sampler = MultiCollectionSampler({k: len(d) for k, d in datasets.items()}, batch_size=3, strategy="uniform")
+    sampler = MultiCollectionSampler(
+        {k: len(d) for k, d in datasets.items()}, batch_size=3, strategy="uniform"
+    )
     batches = list(multi_collection_loader(datasets, sampler))
     assert len(batches) == len(sampler)
     for b in batches:

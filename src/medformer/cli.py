@@ -23,10 +23,16 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
     if config:
         p.add_argument("--config", "-c", metavar="FILE", help="YAML config file")
         p.add_argument(
-            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
             help="override a config key, e.g. --set sampler.batch_size=64 (repeatable)",
         )
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device (default: auto)")
+    p.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device (default: auto)"
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     p.add_argument("--output", "-o", metavar="DIR", default=None, help="run folder for results")
 
@@ -70,8 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     insp = data_sub.add_parser(
         "inspect", help="what a path holds: collections, splits, modalities, shapes, labels, problems"
     )
-    insp.add_argument("path", help="MedMNIST .npz, folder of them, CSV manifest, dataset.json, or subject folder")
-    insp.add_argument("--skip-bad", action="store_true", help="list bad studies instead of stopping at the first")
+    insp.add_argument(
+        "path", help="MedMNIST .npz, folder of them, CSV manifest, dataset.json, or subject folder"
+    )
+    insp.add_argument(
+        "--skip-bad", action="store_true", help="list bad studies instead of stopping at the first"
+    )
     insp.add_argument("--size", type=int, default=28, help="MedMNIST image size to look for (default 28)")
     insp.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     _common(insp, config=False)
