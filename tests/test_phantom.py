@@ -212,8 +212,15 @@ def test_write_cohort_files_manifest_and_idempotence(tmp_path):
         reader = csv.DictReader(fh)
         rows = list(reader)
     assert reader.fieldnames == [
-        "id", "split", "image:T1w", "image:T1c", "image:T2w", "image:FLAIR",
-        "label:enhancing", "label:survival", "mask:tumour",
+        "id",
+        "split",
+        "image:T1w",
+        "image:T1c",
+        "image:T2w",
+        "image:FLAIR",
+        "label:enhancing",
+        "label:survival",
+        "mask:tumour",
     ]
     assert [r["id"] for r in rows] == [f"sub-{i:04d}" for i in range(4)]
     assert {r["split"] for r in rows} <= {"train", "val", "test"}
@@ -235,7 +242,9 @@ def test_write_cohort_files_manifest_and_idempotence(tmp_path):
     collection = yaml.safe_load((root / "collection.yaml").read_text())
     assert collection["name"] == "brain_phantom" and collection["ndim"] == 3
     assert [(t["name"], t["kind"], t["num_classes"]) for t in collection["tasks"]] == [
-        ("tumour", "segmentation", 4), ("enhancing", "binary", 2), ("survival", "regression", 1)
+        ("tumour", "segmentation", 4),
+        ("enhancing", "binary", 2),
+        ("survival", "regression", 1),
     ]
     assert collection["tasks"][0]["classes"] == ["background", "necrosis", "oedema", "enhancing"]
 
@@ -256,12 +265,20 @@ def test_nifti_geometry_matches_the_mni_template(tmp_path):
     from nilearn.datasets import load_mni152_template
     from nilearn.image import resample_to_img
 
-    still = replace(SMALL, n_subjects=1, deformation_mm=0.0, rotation_deg=0.0, scale_sd=0.0,
-                    translation_mm=0.0, tumour_fraction=0.0)
+    still = replace(
+        SMALL,
+        n_subjects=1,
+        deformation_mm=0.0,
+        rotation_deg=0.0,
+        scale_sd=0.0,
+        translation_mm=0.0,
+        tumour_fraction=0.0,
+    )
     write_cohort(tmp_path, still, progress=False)
     img = nib.load(tmp_path / "sub-0000" / "T1w.nii.gz")
-    reference = resample_to_img(load_mni152_template(resolution=1), img, interpolation="linear",
-                                force_resample=True, copy_header=True).get_fdata()
+    reference = resample_to_img(
+        load_mni152_template(resolution=1), img, interpolation="linear", force_resample=True, copy_header=True
+    ).get_fdata()
     data = img.get_fdata()
     brain = data > 0
 

@@ -1,0 +1,202 @@
+"""Images to tokens and back: patchify one modality at a time, sin-cos positions for any grid.
+
+A 2D image ``H x W`` or a 3D volume ``D x H x W`` is zero-padded at the end of each axis to a multiple of
+the patch size ``p``, cut into non-overlapping ``p^d`` patches and projected with one shared Linear
+(single input channel). The Linear on unfolded patches is the same map as a Conv with stride = kernel,
+but a single large matmul, which is what a CPU (or a GPU) runs fastest.
+
+Every modality of a study is tokenized on its own with the same projection, so one model takes any
+number of modalities; which modality a token came from is told by a learned embedding (added in the
+Input Adaptformer), where it sits by a fixed sin-cos embedding of its grid position, computed for the
+actual grid so that a 28x28, 64x64 or 96^3 input needs no retraining or interpolation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def padded_shape(spatial: tuple[int, ...], patch_size: int) -> tuple[int, ...]:
+    """The spatial shape rounded up to a multiple of the patch size."""
+    return tuple(math.ceil(s / patch_size) * patch_size for s in spatial)
+
+
+def pad_to_multiple(x: Tensor, patch_size: int) -> Tensor:
+    """Zero-pad ``(B, C, *spatial)`` at the end of each spatial axis to a multiple of ``patch_size``."""
+    spatial = tuple(x.shape[2:])
+    target = padded_shape(spatial, patch_size)
+    if target == spatial:
+        return x
+    pad: list[int] = []
+    for s, t in zip(reversed(spatial), reversed(target)):  # F.pad lists the last axis first
+        pad += [0, t - s]
+    return F.pad(x, pad)
+
+
+def patchify(x: Tensor, patch_size: int) -> Tensor:
+    """``(B, C, *spatial)``, spatial a multiple of ``p`` -> ``(B, C, G, p^d)``, cells in row-major order."""
+    b, c, *spatial = x.shape
+    p, d = patch_size, len(spatial)
+    grid = [s // p for s in spatial]
+    x = x.reshape(b, c, *[n for g in grid for n in (g, p)])  # (B, C, g0, p, g1, p[, g2, p])
+    grid_axes = [2 + 2 * i for i in range(d)]
+    patch_axes = [3 + 2 * i for i in range(d)]
+    x = x.permute(0, 1, *grid_axes, *patch_axes)
+    return x.reshape(b, c, math.prod(grid), p**d)
+
+
+def unpatchify(patches: Tensor, grid: tuple[int, ...], patch_size: int) -> Tensor:
+    """Inverse of `patchify`: ``(B, C, G, p^d)`` -> ``(B, C, *[g * p for g in grid])``."""
+    b, c = patches.shape[:2]
+    p, d = patch_size, len(grid)
+    x = patches.reshape(b, c, *grid, *([p] * d))
+    order = [0, 1] + [a for i in range(d) for a in (2 + i, 2 + d + i)]  # interleave grid and patch axes
+    return x.permute(*order).reshape(b, c, *[g * p for g in grid])
+
+
+def _sincos_1d(positions: Tensor, dim: int) -> Tensor:
+    """The transformer's 1D sin-cos embedding (Vaswani et al. 2017) of integer positions, ``(n, dim)``."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim // 2))
+    angles = positions.to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+@lru_cache(maxsize=64)
+def _sincos_table(grid: tuple[int, ...], dim: int) -> Tensor:
+    d = len(grid)
+    per_axis = (dim // d) // 2 * 2  # an even share of the width per axis; the rest stays zero
+    coords = torch.meshgrid(*[torch.arange(g) for g in grid], indexing="ij")
+    parts = [_sincos_1d(c.reshape(-1), per_axis) for c in coords]
+    table = torch.zeros(math.prod(grid), dim, dtype=torch.float64)
+    table[:, : per_axis * d] = torch.cat(parts, dim=1)
+    return table.to(torch.float32)
+
+
+def sincos_position_embedding(
+    grid: tuple[int, ...],
+    dim: int,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> Tensor:
+    """Fixed 2D/3D sin-cos position embedding of a patch grid, ``(prod(grid), dim)``, row-major order.
+
+    Each axis gets an even share of the width (MAE's 2D scheme, extended to 3D); computed for the
+    actual grid and cached per device, so any input size works without interpolating a learned table.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return _table_on(tuple(int(g) for g in grid), dim, device, dtype or torch.float32)
+
+
+@lru_cache(maxsize=64)
+def _table_on(grid: tuple[int, ...], dim: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    return _sincos_table(grid, dim).to(device=device, dtype=dtype)
+
+
+class PatchTokenizer(nn.Module):
+    """Shared patch projection for one dimensionality: single-channel ``p^d`` patches -> ``dim`` features."""
+
+    def __init__(self, ndim: int, patch_size: int, dim: int):
+        super().__init__()
+        self.ndim, self.patch_size = ndim, patch_size
+        self.proj = nn.Linear(patch_size**ndim, dim)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        """``(B, M, *spatial)`` -> tokens ``(B, M, G, dim)`` and the grid shape (after padding)."""
+        x = pad_to_multiple(images, self.patch_size)
+        grid = tuple(s // self.patch_size for s in x.shape[2:])
+        return self.proj(patchify(x, self.patch_size)), grid
+
+
+@dataclass
+class TokenSet:
+    """The tokens of one batch, and what a pretext task needs to know about each of them.
+
+    ``tokens`` hold patch embedding + position + modality embedding, in modality-major order: token
+    ``n = m * G + g`` is grid cell ``g`` of the ``m``-th modality in ``modalities``. After `select`, each
+    sample holds its own subset; ``modality`` and ``position`` then say where every kept token came from.
+    """
+
+    tokens: Tensor  # (B, N, D)
+    pad: Tensor | None  # (B, N) bool, True = absent (modality missing in that sample); None = no padding
+    modality: Tensor  # (B, N) long: index into `modalities`
+    position: Tensor  # (B, N) long: flat index into the patch grid
+    grid: tuple[int, ...]  # patch grid shape (of the padded image)
+    spatial: tuple[int, ...]  # input spatial shape before padding
+    patch_size: int
+    modalities: tuple[str, ...]  # the modalities that have tokens in this set (absent-in-all are dropped)
+    present: Tensor  # (B, len(modalities)) bool
+    collection: str | None
+    images: Tensor  # (B, len(modalities), *spatial), absent modalities zeroed: for skip connections
+    full: bool = True  # False after `select`: not every token of the grid is here
+
+    @property
+    def ndim(self) -> int:
+        return len(self.grid)
+
+    @property
+    def num_patches(self) -> int:
+        """Grid cells per modality ``G``."""
+        return math.prod(self.grid)
+
+    def __len__(self) -> int:
+        return self.tokens.shape[1]
+
+    def select(self, index: Tensor) -> TokenSet:
+        """Keep, for each sample, the tokens at ``index`` ``(B, K)`` (MAE's visible ones), in that order."""
+        index = index.to(self.tokens.device, torch.long)
+        if index.dim() != 2 or index.shape[0] != self.tokens.shape[0]:
+            raise ValueError(
+                f"visible index must be (batch, K) = ({self.tokens.shape[0]}, K), got {tuple(index.shape)}"
+            )
+        gather = torch.gather
+        return replace(
+            self,
+            tokens=gather(self.tokens, 1, index[..., None].expand(-1, -1, self.tokens.shape[-1])),
+            pad=None if self.pad is None else gather(self.pad, 1, index),
+            modality=gather(self.modality, 1, index),
+            position=gather(self.position, 1, index),
+            full=False,
+        )
+
+
+def scatter_tokens(visible: Tensor, index: Tensor, num_tokens: int, fill: Tensor) -> Tensor:
+    """Put per-sample tokens ``(B, K, D)`` back at ``index`` ``(B, K)`` of a ``(B, num_tokens, D)`` sequence
+    whose other places hold ``fill`` ``(D,)`` (e.g. MAE's mask token): the inverse of `TokenSet.select`."""
+    b, _, d = visible.shape
+    out = fill.to(visible.dtype).expand(b, num_tokens, d).clone()
+    return out.scatter(1, index[..., None].expand(-1, -1, d), visible)
+
+
+@dataclass
+class Encoded:
+    """What the Main Body made of a `TokenSet`: the input of every Output Adaptformer head.
+
+    ``tokens`` is the context after the body: the collection's latent tokens, then the (visible) patch
+    tokens in `tokenset` order. ``task_tokens`` holds the body output of each requested task's latent
+    token (a reader: it saw the context, the context did not see it).
+    """
+
+    tokens: Tensor  # (B, L + N, D)
+    pad: Tensor | None  # (B, L + N) bool, True = absent; None = no padding
+    num_latents: int
+    tokenset: TokenSet
+    task_tokens: dict[str, Tensor]  # task key -> (B, D)
+
+    @property
+    def patches(self) -> Tensor:
+        """The encoded patch tokens ``(B, N, D)``, in `tokenset` order."""
+        return self.tokens[:, self.num_latents :]
+
+    def task_token(self, key: str) -> Tensor:
+        if key not in self.task_tokens:
+            raise KeyError(
+                f"task {key!r} was not encoded: call encode(..., tasks=[{key!r}]) "
+                f"(encoded: {sorted(self.task_tokens)})"
+            )
+        return self.task_tokens[key]
