@@ -63,6 +63,13 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from medformer.demo import run_demo
+
+    run_demo(args.output or "runs/demo", quick=args.quick, seed=args.seed or 0, device=args.device or "auto")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medformer",
@@ -93,12 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
         "finetune": ("fine-tune a model on one or many labelled tasks", "fine-tuning"),
         "evaluate": ("metrics and an HTML/Markdown report for a run", "evaluation"),
         "predict": ("apply a fine-tuned model to new images", "prediction"),
-        "demo": ("the whole workflow on built-in data, in minutes on a CPU", "the demo"),
         "generate": ("train a cross-modal translator (missing-modality synthesis)", "cross-modal generation"),
         "adapt": ("adapt a trained model to a new site or collection", "domain adaptation"),
         "benchmark": ("speed, memory and accuracy benchmarks", "the benchmark command"),
         "templates": ("export learned modality templates (NIfTI + PNG)", "template export"),
     }
+    demo = sub.add_parser("demo", help="the workflow on built-in simulated brain MRI, in minutes on a CPU")
+    demo.add_argument("--quick", action="store_true", help="a smaller cohort (smoke run)")
+    _common(demo, config=False)
+    demo.set_defaults(func=cmd_demo)
+
     for name, (help_text, what) in planned.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _common(p, config=name not in ("predict", "templates"))
