@@ -137,7 +137,7 @@ def inspect_path(
     """Find the collections under `path` and inspect each."""
     from medformer.data.manifest import open_collections
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         raise DataError(path, "does not exist")
     collections = open_collections(path, skip_bad=skip_bad, **open_kw)

@@ -126,7 +126,7 @@ def read_sidecar(path: str | Path) -> dict[str, Any]:
     """A ``collection.yaml``: name, ndim, modalities and tasks (as TaskSpecs), checked."""
     import yaml
 
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as exc:
@@ -338,7 +338,7 @@ def load_manifest(
     path: str | Path, sidecar: str | Path | None = None, *, name: str | None = None, skip_bad: bool = False
 ) -> Collection:
     """A collection from a CSV manifest (format in the module docstring)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.is_file():
         raise DataError(path, "manifest not found")
     side_path = Path(sidecar) if sidecar else path.parent / SIDECAR
@@ -541,7 +541,7 @@ def load_datalist(
     path: str | Path, *, base_dir: str | Path | None = None, name: str | None = None, skip_bad: bool = False
 ) -> Collection:
     """A collection from a MONAI/Decathlon ``dataset.json`` (format in the module docstring)."""
-    path = Path(path)
+    path = Path(path).expanduser()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -699,7 +699,7 @@ def detect_format(path: str | Path) -> str:
     ``datalist`` or ``folder``; a DataError when it is none of them."""
     from medformer.data.medmnist import MEDMNIST_FLAGS, is_medmnist_file
 
-    path = Path(path)
+    path = Path(path).expanduser()
     if not path.exists():
         if str(path).strip().lower() in MEDMNIST_FLAGS:
             return "medmnist"
@@ -766,7 +766,7 @@ def open_collection(
     from medformer.data.discover import load_folder
     from medformer.data.medmnist import load_medmnist, parse_medmnist_filename
 
-    path = Path(path)
+    path = Path(path).expanduser()
     kind = detect_format(path)
     if kind == "medmnist":
         if path.exists():
@@ -810,7 +810,7 @@ def open_collections(
 ) -> list[Collection]:
     """Every collection a path holds: one per MedMNIST file of a folder (of ``size`` when given),
     else the single collection `open_collection` finds."""
-    path = Path(path)
+    path = Path(path).expanduser()
     if path.is_dir() and detect_format(path) == "medmnist_folder":
         found = _medmnist_files(path, size)
         if not found:
