@@ -69,5 +69,5 @@ def test_inspect_real_medmnist_folder():
     reports = {r.name: r for r in inspect_path(SHARED, progress=False)}
     assert reports["breastmnist"].splits == {"train": 546, "val": 78, "test": 156}
     assert reports["adrenalmnist3d"].shapes == {(28, 28, 28): 1584}
-    assert sum(reports["pneumoniamnist"].labels["pneumoniamnist"].values()) == 5856
+    assert sum(reports["pneumoniamnist"].labels["label"].values()) == 5856
     assert all(not r.problems for r in reports.values())

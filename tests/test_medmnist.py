@@ -31,13 +31,13 @@ def test_real_files_match_the_official_facts(flag):
     assert col.split_counts() == info["n_samples"]
     assert col.modalities == [info["modality"]]
     (task,) = col.tasks
-    assert task.name == flag and task.kind == "binary" and task.classes == tuple(info["labels"].values())
+    assert task.name == "label" and task.kind == "binary" and task.classes == tuple(info["labels"].values())
     study = col.split("test")[0]
     assert study.id == f"{flag}/test/0000000"
     image = study.images[info["modality"]]
     assert image.shape == (28,) * info["ndim"] and image.dtype == np.float32
     assert image.min() >= 0.0 and image.max() <= 1.0
-    labels = np.array([s.labels[flag] for s in col.studies])
+    labels = np.array([s.labels["label"] for s in col.studies])
     assert set(np.unique(labels)) <= {0, 1}
     for s in col.studies[:50]:
         s.validate(col.ndim, col.tasks)
@@ -124,7 +124,7 @@ def test_multilabel_and_uint8_mode(tmp_path):
     task = col.tasks[0]
     assert task.kind == "multilabel" and task.num_classes == 14
     study = col.studies[0]
-    assert study.labels["chestmnist"].shape == (14,)
+    assert study.labels["label"].shape == (14,)
     assert study.images["xray"].dtype == np.uint8 and col.metadata["image_scale"] == 1 / 255
     np.testing.assert_allclose(to_float(study).images["xray"], arrays["train_images"][0] / 255, rtol=1e-6)
 
@@ -165,3 +165,17 @@ def test_download_is_checked_and_atomic(tmp_path, monkeypatch):
     assert len(col) == 780
     assert urls[-1] == "https://zenodo.org/records/10519652/files/breastmnist.npz?download=1"
     assert [p.name for p in (tmp_path / "cache").iterdir()] == ["breastmnist.npz"]
+
+
+def test_uint8_images_reach_the_batch_scaled_to_unit_range(tmp_path):
+    from medformer.data.dataset import CollectionDataset
+
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in (("train", 3), ("val", 1), ("test", 1)):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
+    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    col = load_medmnist("breastmnist", root=tmp_path, check_md5=False, as_uint8=True)
+    item = CollectionDataset(col, "train")[0]
+    np.testing.assert_allclose(item["images"][0].numpy(), arrays["train_images"][0] / 255, rtol=1e-6)

@@ -78,13 +78,14 @@ def study_to_item(
     shape = study.shape
     images = np.zeros((len(collection.modalities), *shape), dtype=np.float32)
     present = np.zeros(len(collection.modalities), dtype=bool)
-    scale = study.metadata.get("image_scale")  # integer-stored images (large MedMNIST sets)
+    integer = False
     for i, m in enumerate(collection.modalities):
         if m in study.images:
             images[i] = study.images[m]
             present[i] = True
-    if scale is not None:
-        images *= scale
+            integer |= study.images[m].dtype.kind in "ui"
+    if integer and "image_scale" in collection.metadata:  # large MedMNIST sets are kept as uint8
+        images *= collection.metadata["image_scale"]
     if transform is not None:
         images = np.asarray(transform(images), dtype=np.float32)
     labels, has_label = {}, {}

@@ -248,7 +248,7 @@ def medmnist_collection(
     arrays = _read_npz(path)
     kind = _KINDS[info["task"]]
     classes = tuple(info["labels"][str(i)] for i in range(len(info["labels"])))
-    task = TaskSpec(name=flag, kind=kind, num_classes=len(classes), classes=classes)
+    task = TaskSpec(name="label", kind=kind, num_classes=len(classes), classes=classes)  # key: <flag>/label
     rgb = int(info["n_channels"]) == 3
     modality = info["modality"]
     modalities = [f"{modality}_{c}" for c in "rgb"] if rgb else [modality]
@@ -269,11 +269,11 @@ def medmnist_collection(
         if rgb:
             for i, (image, value) in enumerate(zip(images, values)):
                 studies.append(
-                    Study(f"{prefix}{i:07d}", dict(zip(modalities, image)), labels={flag: value}, split=split)
+                    Study(f"{prefix}{i:07d}", dict(zip(modalities, image)), labels={"label": value}, split=split)
                 )
         else:
             studies.extend(
-                Study(f"{prefix}{i:07d}", {modality: image}, labels={flag: value}, split=split)
+                Study(f"{prefix}{i:07d}", {modality: image}, labels={"label": value}, split=split)
                 for i, (image, value) in enumerate(zip(images, values))
             )
     metadata = {
