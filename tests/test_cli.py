@@ -40,7 +40,7 @@ def test_every_command_has_help(cmd, capsys):
 
 def test_shared_options_parse_the_same_everywhere():
     parser = build_parser()
-    for cmd in ["pretrain", "finetune", "evaluate", "adapt"]:
+    for cmd in ["pretrain", "finetune", "adapt"]:
         args = parser.parse_args([cmd, "--device", "cpu", "--seed", "5", "--output", "x", "--set", "a.b=1"])
         assert (args.device, args.seed, args.output, args.overrides) == ("cpu", 5, "x", ["a.b=1"])
 

@@ -8,12 +8,12 @@ from medformer.errors import ConfigError
 
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("seed: 3\nsampler:\n  batch_size: 16\ndata:\n  - path: a.npz\n")
+    path.write_text("seed: 3\ntrain:\n  batch_size: 16\ndata:\n  - path: a.npz\n")
     cfg = load_config(
-        RunConfig, path, ["sampler.batch_size=64", "preprocess.spacing=[1, 1, 2]", "data.0.size=64"]
+        RunConfig, path, ["train.batch_size=64", "preprocess.spacing=[1, 1, 2]", "data.0.size=64"]
     )
     assert cfg.seed == 3
-    assert cfg.sampler.batch_size == 64
+    assert cfg.train.batch_size == 64
     assert cfg.preprocess.spacing == [1.0, 1.0, 2.0]
     assert cfg.data[0].size == 64 and cfg.data[0].path == "a.npz"
 
@@ -30,7 +30,7 @@ def test_flag_defaults_fill_keys_but_overrides_win(tmp_path):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("sampler.batch_sze=3", "'sampler.batch_size'"),
+        ("train.batch_sze=3", "'train.batch_size'"),
         ("preprocess.spacng=[1,1,1]", "'preprocess.spacing'"),
         ("seeed=1", "'seed'"),
         ("data.0.sze=64", "'data.0.size'"),
@@ -45,9 +45,9 @@ def test_unknown_key_names_closest(override, expected):
 
 def test_wrong_type_names_key_and_type():
     with pytest.raises(ConfigError) as e:
-        load_config(RunConfig, None, ["sampler.batch_size=lots"])
+        load_config(RunConfig, None, ["train.batch_size=lots"])
     msg = str(e.value)
-    assert "sampler.batch_size" in msg and "int" in msg and "lots" in msg
+    assert "train.batch_size" in msg and "int" in msg and "lots" in msg
 
 
 def test_bad_yaml_and_missing_file(tmp_path):

@@ -48,7 +48,6 @@ def test_multilabel_means_over_labels():
     assert m["acc"] == pytest.approx((1.0 + 0.5) / 2)
 
 
-@pytest.mark.filterwarnings("ignore::sklearn.exceptions.UndefinedMetricWarning")
 def test_auc_undefined_when_a_class_is_missing():
     assert np.isnan(auc("binary", np.zeros(4), np.linspace(0, 1, 4)))
 

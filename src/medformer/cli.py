@@ -28,7 +28,7 @@ def _common(p: argparse.ArgumentParser, config: bool = True) -> None:
             action="append",
             default=[],
             metavar="KEY=VALUE",
-            help="override a config key, e.g. --set sampler.batch_size=64 (repeatable)",
+            help="override a config key, e.g. --set train.batch_size=64 (repeatable)",
         )
     p.add_argument(
         "--device", choices=["auto", "cpu", "cuda"], default=None, help="compute device (default: auto)"
@@ -70,6 +70,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(cls, args: argparse.Namespace, **extra):
+    """Config file + flags (``--seed`` etc. fill keys the file leaves out) + ``--set`` overrides."""
+    from medformer.config import load_config
+
+    flags = {"seed": args.seed, "device": args.device, "output": args.output}
+    overrides = [f"{k}={v}" for k, v in extra.items() if v is not None] + list(args.overrides)
+    return load_config(cls, args.config, overrides, **flags)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from medformer.finetune import FinetuneConfig, run_finetune
+
+    config = _run_config(
+        FinetuneConfig,
+        args,
+        **{
+            "model.init": args.init,
+            "finetune.label_fraction": args.label_fraction,
+            "finetune.label_seed": args.label_seed,
+        },
+    )
+    results = run_finetune(config, resume=args.resume)
+    _print_results(results, config.output)
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from medformer.finetune import evaluate_run
+
+    results = evaluate_run(args.run, model_dir=args.model)
+    _print_results(results, args.run)
+    return 0
+
+
+def _print_results(results: dict, run: str) -> None:
+    for split, metrics in results.items():
+        for key, value in sorted(metrics.items()):
+            print(f"{split:5s} {key:40s} {value:.4f}")
+    print(f"report: {Path(run) / 'report.html'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medformer",
@@ -97,8 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     planned = {
         "pretrain": ("self-supervised pre-training on unlabeled collections", "self-supervised pre-training"),
-        "finetune": ("fine-tune a model on one or many labelled tasks", "fine-tuning"),
-        "evaluate": ("metrics and an HTML/Markdown report for a run", "evaluation"),
         "predict": ("apply a fine-tuned model to new images", "prediction"),
         "generate": ("train a cross-modal translator (missing-modality synthesis)", "cross-modal generation"),
         "adapt": ("adapt a trained model to a new site or collection", "domain adaptation"),
@@ -109,6 +148,25 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smaller cohort (smoke run)")
     _common(demo, config=False)
     demo.set_defaults(func=cmd_demo)
+
+    ft = sub.add_parser("finetune", help="fine-tune a model on one or many labelled tasks")
+    _common(ft)
+    ft.add_argument("--init", metavar="DIR", help="start from a saved model (e.g. runs/pretrain/model)")
+    ft.add_argument(
+        "--label-fraction", type=float, metavar="F", help="use a stratified fraction of the labels"
+    )
+    ft.add_argument("--label-seed", type=int, metavar="S", help="which label subset (default 0)")
+    ft.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    ft.set_defaults(func=cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="metrics and an HTML/Markdown report for a run")
+    ev.add_argument("--run", required=True, metavar="DIR", help="a run folder (written by finetune)")
+    ev.add_argument(
+        "--model", metavar="DIR", help="model folder to score (default: the run's best/, else model/)"
+    )
+    ev.set_defaults(func=cmd_evaluate)
 
     for name, (help_text, what) in planned.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -48,25 +48,92 @@ class PreprocessConfig(Section):
     resize: Literal["pad_crop", "interpolate"] = "pad_crop"
 
 
-class SamplerConfig(Section):
-    """How micro-batches are drawn across collections (see medformer.data.sampling)."""
+class ModelConfig(Section):
+    """Which network: a Medformer (preset + overrides, or ``init`` from a saved model) or a CNN baseline."""
 
+    arch: Literal["medformer", "resnet18", "resnet50", "unet"] = "medformer"
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    dim: int | None = None  # free-size overrides of the preset
+    depth: int | None = None
+    heads: int | None = None
+    patch_size_2d: int | None = None
+    patch_size_3d: int | None = None
+    drop_path: float | None = None
+    checkpointing: bool = False
+    init: str | None = None  # a saved model folder (pre-trained, or a run's model/ or best/)
+    stem: Literal["medmnist", "imagenet"] = "medmnist"  # ResNet stem (medmnist: 3x3, stride 1, no max-pool)
+
+
+class FinetuneSection(Section):
+    """How the labels are used: which part trains, and with how many labels."""
+
+    mode: Literal["full", "linear", "attentive", "llrd"] = "full"
+    layer_decay: float = Field(0.75, gt=0, le=1)
+    label_fraction: float = Field(1.0, gt=0, le=1)
+    label_seed: int = 0
+    tasks: list[str] | None = None  # task names to train (default: every task of the collections)
+
+
+class EvalConfig(Section):
+    batch_size: int = Field(128, ge=1)
+    hd95: bool = False  # Hausdorff distance is slow on large volumes
+
+
+class TrainConfig(Section):
+    """The training loop (see medformer.train and docs/training.md): length, batches, AdamW and its
+    schedule, precision, EMA, loss weighting, logging, evaluation and checkpoints.
+
+    ``batch_size`` is per process (micro-batch): one optimizer step sees
+    ``batch_size * world_size * grad_accum`` samples.
+    """
+
+    steps: int | None = Field(None, ge=1)  # total optimizer steps; or set `epochs`
+    epochs: float | None = Field(None, gt=0)  # steps = ceil(epochs * batches per epoch / grad_accum)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun with CUDA: cuda:LOCAL_RANK
+    batch_size: int = Field(32, ge=1)
     strategy: Literal["proportional", "uniform", "temperature"] = "proportional"
     temperature: float = Field(2.0, gt=0)
-    batch_size: int = Field(32, ge=1)
     num_workers: int = Field(0, ge=0)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int | None = Field(None, ge=0)  # or `warmup_fraction` of the steps
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)  # cosine decays to min_lr_ratio * lr
+    grad_accum: int = Field(1, ge=1)
+    clip_norm: float | None = Field(1.0, gt=0)  # null: no clipping
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA when supported, else off
+    ema_decay: float | None = Field(None, gt=0, lt=1)  # null: no EMA
+    loss_weighting: Literal["fixed", "uncertainty"] = "fixed"
+    skip_nonfinite: bool = False  # skip (and count) a step whose loss is NaN/Inf instead of stopping
+    log_every: int = Field(50, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # null: once per epoch-equivalent (and at the end)
+    select_metric: str | None = None  # e.g. "val/auc": the best model so far goes to <output>/best
+    select_mode: Literal["max", "min"] = "max"
+    checkpoint_every: int | None = Field(1000, ge=1)  # null: only at the end
+    keep_last: int | None = Field(3, ge=1)  # checkpoints kept; null: all
+    seed: int = 0
+    progress: bool = True
+
+    def model_post_init(self, context: Any) -> None:
+        if self.steps is not None and self.epochs is not None:
+            raise ConfigError("train: set either train.steps or train.epochs, not both")
+        if self.warmup_steps is not None and self.warmup_fraction > 0:
+            raise ConfigError("train: set either train.warmup_steps or train.warmup_fraction, not both")
 
 
 class RunConfig(Section):
-    """Options every command shares, plus the data it reads."""
+    """What every run command reads: shared options, data, preprocessing, model, training, evaluation."""
 
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     output: str = "runs/run"
-    cache_dir: str | None = None  # preprocessing cache; default: <output>/../.cache/preprocess
+    cache_dir: str | None = None  # preprocessing cache; default: <output>/../.cache
     data: list[DataSource] = Field(default_factory=list)
     preprocess: PreprocessConfig = Field(default_factory=PreprocessConfig)
-    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
 
 C = TypeVar("C", bound=BaseModel)

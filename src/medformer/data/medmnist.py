@@ -269,7 +269,9 @@ def medmnist_collection(
         if rgb:
             for i, (image, value) in enumerate(zip(images, values)):
                 studies.append(
-                    Study(f"{prefix}{i:07d}", dict(zip(modalities, image)), labels={"label": value}, split=split)
+                    Study(
+                        f"{prefix}{i:07d}", dict(zip(modalities, image)), labels={"label": value}, split=split
+                    )
                 )
         else:
             studies.extend(

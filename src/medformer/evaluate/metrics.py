@@ -40,6 +40,12 @@ def auc(kind: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
     """MedMNIST-compatible AUC (see the module docstring). NaN when a class has no positives."""
     y_true = np.asarray(y_true)
     y_score = np.asarray(y_score)
+    with warnings.catch_warnings():  # a class absent from y_true: sklearn warns and we return NaN
+        warnings.simplefilter("ignore")
+        return _auc(kind, y_true, y_score)
+
+
+def _auc(kind: str, y_true: np.ndarray, y_score: np.ndarray) -> float:
     try:
         if kind == "binary":
             score = y_score[:, -1] if y_score.ndim == 2 else y_score

@@ -52,6 +52,10 @@ class _BatchInput(nn.Module):
         self.modalities = tuple(modalities)
         self.collection = collection
 
+    def tasks_for(self, collection: str | None, ndim: int | None = None) -> list[str]:
+        """All of this baseline's tasks: it is built for one collection (same call as Medformer's)."""
+        return list(self.tasks)
+
     def images(
         self, x: Mapping[str, Any] | Tensor, modalities: Sequence[str] | None, present: Tensor | None
     ) -> Tensor:
