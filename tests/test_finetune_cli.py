@@ -70,3 +70,25 @@ def test_segmentation_on_the_brain_cohort(tmp_path):
     assert "brain_phantom/tumour/dice_mean" in results["val"]
     assert "brain_phantom/enhancing/auc" in results["val"]
     assert not any(k.startswith("brain_phantom/survival") for k in results["val"])
+
+
+@pytest.mark.skipif(not SHARED.exists(), reason="shared MedMNIST files not present")
+def test_same_command_under_torchrun_with_two_processes(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+    cmd += ["-m", "medformer", "finetune", "--set", "data=[{path: breastmnist}]", "--output", str(out), *TINY]
+    cmd += ["--set", "train.steps=4", "--device", "cpu"]
+    env = {**os.environ, "MEDMNIST_ROOT": str(SHARED), "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads((out / "results.json").read_text())["results"]["test"]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 4  # one log stream (rank 0), not two

@@ -8,11 +8,11 @@ the best model on val and test and writes ``results.json``, ``report.md`` and ``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import Field
 from torch import nn
 
@@ -157,7 +157,9 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, progress: bool = 
     device = resolve_device(config.device)
     out = Path(config.output)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(config, out / "config.yaml")
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 writes files
+    if main_process:
+        dump_config(config, out / "config.yaml")
     collections, cache = open_collections(config)
     model = build_model(config.model, collections, config.finetune.tasks).to(device)
     scales = regression_scales(model, collections)
@@ -196,6 +198,8 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, progress: bool = 
         param_groups=groups,
         resume=resume,
     )
+    if not main_process:
+        return {}
     best = out / "best" if (out / "best").exists() else out / "model"
     return evaluate_run(
         out, model_dir=best, config=config, collections=collections, cache=cache, fit_result=result
@@ -263,10 +267,3 @@ def load_run_model(model_dir: Path, config: FinetuneConfig, collections: list[Co
         raise ConfigError(f"{model_dir}: no model.safetensors")
     model.load_state_dict(load_file(str(weights)))
     return model
-
-
-def set_device_threads() -> None:
-    """Use every core for intra-op parallelism on CPU (torch's default may be lower in containers)."""
-    import os
-
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))

@@ -26,54 +26,45 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def loss_curves(history: Sequence[Mapping[str, Any]]):
-    """Training losses per objective/task over steps (one line each), or None without any."""
+def _series(rows: Sequence[Mapping[str, Any]], keep) -> dict[str, tuple[list[float], list[float]]]:
+    """Finite numeric values of the keys ``keep(key)`` accepts, as (steps, values) per key."""
     series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in history:
-        if "step" not in row or row.get("split"):
-            continue
+    for row in rows:
         for k, v in row.items():
-            if (k == "loss" or k.startswith("loss/")) and isinstance(v, (int, float)) and math.isfinite(v):
+            if keep(k) and isinstance(v, (int, float)) and math.isfinite(v):
                 xs, ys = series.setdefault(k, ([], []))
                 xs.append(row["step"])
                 ys.append(v)
-    if not series:
-        return None
+    return series
+
+
+def _plot(series: dict, ylabel: str, title: str, log: bool = False, **style: Any):
     fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
     for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, label=name, lw=1.4 if name == "loss" else 1.0)
+        ax.plot(xs, ys, label=name, **style)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss")
-    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    if log:
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper right")
-    ax.set_title("Training loss")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
+
+
+def loss_curves(history: Sequence[Mapping[str, Any]]):
+    """Training losses per objective/task over steps (one line each), or None without any."""
+    rows = [r for r in history if "step" in r and not r.get("split")]
+    series = _series(rows, lambda k: k == "loss" or k.startswith("loss/"))
+    return _plot(series, "training loss", "Training loss", log=True, lw=1.2) if series else None
 
 
 def validation_curves(history: Sequence[Mapping[str, Any]]):
     """Validation metrics over steps, or None without any evaluations."""
-    rows = [r for r in history if r.get("split") == "val"]
-    series: dict[str, tuple[list[float], list[float]]] = {}
-    for row in rows:
-        for k, v in row.items():
-            if k not in ("step", "split", "epoch") and isinstance(v, (int, float)) and math.isfinite(v):
-                xs, ys = series.setdefault(k, ([], []))
-                xs.append(row["step"])
-                ys.append(v)
-    if not series:
-        return None
-    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=110)
-    for name, (xs, ys) in sorted(series.items()):
-        ax.plot(xs, ys, marker="o", ms=3, label=name)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("validation metric")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    ax.set_title("Validation")
-    fig.tight_layout()
-    return fig
+    rows = [r for r in history if r.get("split") == "val" and "step" in r]
+    series = _series(rows, lambda k: k not in ("step", "split", "epoch"))
+    return _plot(series, "validation metric", "Validation", marker="o", ms=3) if series else None
 
 
 def _png(fig) -> str:
