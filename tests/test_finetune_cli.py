@@ -92,3 +92,30 @@ def test_same_command_under_torchrun_with_two_processes(tmp_path):
     assert json.loads((out / "results.json").read_text())["results"]["test"]
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 4  # one log stream (rank 0), not two
+
+
+def test_skip_bad_trains_past_a_broken_study_and_reports_it(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from medformer.data.phantom import PhantomConfig, write_cohort
+
+    manifest = write_cohort(
+        tmp_path / "cohort",
+        PhantomConfig(n_subjects=6, voxel_size_mm=6.0, shape=(16, 16, 16)),
+        progress=False,
+    )
+    victim = sorted((tmp_path / "cohort").glob("sub-*/T1w.nii.gz"))[0]
+    img = nib.load(victim)
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    data[0, 0, 0] = np.nan
+    nib.save(nib.Nifti1Image(data, img.affine), victim)
+    out = tmp_path / "run"
+    argv = ["finetune", "--set", f"data=[{{path: {manifest}}}]", "--set", "finetune.tasks=[enhancing]"]
+    argv += ["--set", "preprocess.crop_foreground=false", *TINY, "--set", "train.steps=2", "--device", "cpu"]
+    assert main([*argv, "--output", str(out)]) == 2  # without --skip-bad: one clear error naming the file
+    assert str(victim) in capsys.readouterr().err
+    assert main([*argv, "--output", str(tmp_path / "run2"), "--set", "data.0.skip_bad=true"]) == 0
+    assert "skipped bad study" in capsys.readouterr().err
+    summary = json.loads((tmp_path / "run2" / "results.json").read_text())["summary"]
+    assert victim.parent.name in summary["skipped studies"] and "NaN" in summary["skipped studies"]

@@ -98,9 +98,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medformer.finetune import evaluate_run
+    from medformer.runtime import seed_everything
 
-    results = evaluate_run(args.run, model_dir=args.model)
-    _print_results(results, args.run)
+    seed_everything(args.seed or 0)
+    results = evaluate_run(args.run, model_dir=args.model, device=args.device, output=args.output)
+    _print_results(results, args.output or args.run)
     return 0
 
 
@@ -166,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument(
         "--model", metavar="DIR", help="model folder to score (default: the run's best/, else model/)"
     )
+    _common(ev, config=False)
     ev.set_defaults(func=cmd_evaluate)
 
     for name, (help_text, what) in planned.items():

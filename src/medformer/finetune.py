@@ -9,6 +9,7 @@ the best model on val and test and writes ``results.json``, ``report.md`` and ``
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,8 @@ def open_collections(config: FinetuneConfig) -> tuple[list[Collection], Preproce
         if any(s.sources for s in col.studies):
             col, skipped = cache.prepare(col, skip_bad=source.skip_bad)
             col.metadata.setdefault("skipped", []).extend(skipped)
+        for bad in col.metadata.get("skipped", []):
+            print(f"medformer: skipped bad study {bad.study} ({bad.where}: {bad.problem})", file=sys.stderr)
         collections.append(col)
     names = [c.name for c in collections]
     if len(set(names)) != len(names):
@@ -213,8 +216,11 @@ def evaluate_run(
     collections: list[Collection] | None = None,
     cache: PreprocessCache | None = None,
     fit_result: Any = None,
+    device: str | None = None,
+    output: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Score a run's best (else final) model on val and test; write results.json and the report."""
+    """Score a run's best (else final) model on val and test; write results.json and the report
+    (into the run folder, or ``output``). ``device`` overrides the run's."""
     run = Path(run)
     if config is None:
         if not (run / "config.yaml").exists():
@@ -224,7 +230,7 @@ def evaluate_run(
         collections, cache = open_collections(config)
     if model_dir is None:
         model_dir = run / "best" if (run / "best").exists() else run / "model"
-    device = resolve_device(config.device)
+    device = resolve_device(device or config.device)
     model = load_run_model(Path(model_dir), config, collections).to(device)
     scales = regression_scales(model, collections)
     results: dict[str, dict[str, float]] = {}
@@ -249,7 +255,10 @@ def evaluate_run(
     if fit_result is not None:
         summary["steps"] = getattr(fit_result, "step", "")
         summary["best step"] = getattr(fit_result, "best_step", "")
-    write_report(run, results, f"medformer fine-tuning: {run.name}", summary)
+    skipped = [s for c in collections for s in c.metadata.get("skipped", [])]
+    if skipped:
+        summary["skipped studies"] = "; ".join(f"{s.where}: {s.problem}" for s in skipped)
+    write_report(output or run, results, f"medformer fine-tuning: {run.name}", summary)
     return results
 
 
