@@ -114,12 +114,7 @@ def test_rgb_sets_give_one_modality_per_channel(tmp_path):
 
 
 def test_multilabel_and_uint8_mode(tmp_path):
-    rng = np.random.default_rng(1)
-    arrays = {}
-    for split, n in (("train", 4), ("val", 2), ("test", 2)):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 14), dtype=np.uint8)
-    np.savez(tmp_path / "chestmnist.npz", **arrays)
+    arrays = _fake_file(tmp_path / "chestmnist.npz", (4, 2, 2), labels=14)
     col = load_medmnist("chestmnist", root=tmp_path, check_md5=False, as_uint8=True)
     task = col.tasks[0]
     assert task.kind == "multilabel" and task.num_classes == 14
@@ -170,12 +165,18 @@ def test_download_is_checked_and_atomic(tmp_path, monkeypatch):
 def test_uint8_images_reach_the_batch_scaled_to_unit_range(tmp_path):
     from medformer.data.dataset import CollectionDataset
 
-    rng = np.random.default_rng(1)
-    arrays = {}
-    for split, n in (("train", 3), ("val", 1), ("test", 1)):
-        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
-        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, 1), dtype=np.uint8)
-    np.savez(tmp_path / "breastmnist.npz", **arrays)
+    arrays = _fake_file(tmp_path / "breastmnist.npz", (3, 1, 1), labels=1)
     col = load_medmnist("breastmnist", root=tmp_path, check_md5=False, as_uint8=True)
     item = CollectionDataset(col, "train")[0]
     np.testing.assert_allclose(item["images"][0].numpy(), arrays["train_images"][0] / 255, rtol=1e-6)
+
+
+def _fake_file(path, counts, labels):
+    """A MedMNIST-format file of random 28x28 uint8 images and 0/1 labels (``labels`` columns)."""
+    rng = np.random.default_rng(1)
+    arrays = {}
+    for split, n in zip(("train", "val", "test"), counts):
+        arrays[f"{split}_images"] = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        arrays[f"{split}_labels"] = rng.integers(0, 2, (n, labels), dtype=np.uint8)
+    np.savez(path, **arrays)
+    return arrays
