@@ -48,6 +48,32 @@ class PreprocessConfig(Section):
     resize: Literal["pad_crop", "interpolate"] = "pad_crop"
 
 
+class AugmentConfig(Section):
+    """Augmentation strengths; 0 switches a transform off. The defaults are off (``medformer finetune``
+    and the pretext tasks choose their own in their configs)."""
+
+    flip: float = Field(0.0, ge=0, le=1)  # probability of flipping each spatial axis
+    flip_axes: list[int] | None = None  # which spatial axes may flip (default: all)
+    rotate: float = Field(0.0, ge=0, le=180)  # maximum rotation angle, degrees (about every axis in 3D)
+    zoom: float = Field(0.0, ge=0, lt=1)  # scale factor drawn from [1 - zoom, 1 + zoom]
+    shift: float = Field(0.0, ge=0, le=1)  # translation, fraction of the image extent
+    intensity_scale: float = Field(0.0, ge=0, lt=1)  # x (1 + U(-s, s))
+    intensity_shift: float = Field(0.0, ge=0)  # + U(-s, s)
+    gamma: float = Field(0.0, ge=0, lt=1)  # x ** exp(U(-g, g)) on the [0, 1]-scaled intensities
+    noise: float = Field(0.0, ge=0)  # Gaussian noise with standard deviation U(0, noise)
+    blur: float = Field(0.0, ge=0)  # Gaussian blur with sigma U(0, blur) voxels ...
+    blur_prob: float = Field(0.5, ge=0, le=1)  # ... applied to this fraction of the samples
+
+    @property
+    def spatial(self) -> bool:
+        return self.flip > 0 or self.rotate > 0 or self.zoom > 0 or self.shift > 0
+
+    @property
+    def active(self) -> bool:
+        intensity = self.intensity_scale or self.intensity_shift or self.gamma or self.noise or self.blur
+        return self.spatial or bool(intensity)
+
+
 class ModelConfig(Section):
     """Which network: a Medformer (preset + overrides, or ``init`` from a saved model) or a CNN baseline."""
 

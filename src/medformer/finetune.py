@@ -17,7 +17,8 @@ import numpy as np
 from pydantic import Field
 from torch import nn
 
-from medformer.config import FinetuneSection, ModelConfig, RunConfig, dump_config, load_config
+from medformer.config import AugmentConfig, FinetuneSection, ModelConfig, RunConfig, dump_config, load_config
+from medformer.data.augment import Augment
 from medformer.data.cache import PreprocessCache
 from medformer.data.dataset import CollectionDataset
 from medformer.data.manifest import open_collection
@@ -37,6 +38,7 @@ class FinetuneConfig(RunConfig):
 
     output: str = "runs/finetune"
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)  # training batches only
 
 
 PRIMARY = {
@@ -183,7 +185,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, progress: bool = 
     groups = finetune_param_groups(
         model, config.finetune.mode, config.train.lr, config.train.weight_decay, config.finetune.layer_decay
     )
-    objective = SupervisedObjective(targets_scale=scales)
+    objective = SupervisedObjective(targets_scale=scales, augment=Augment(config.augment))
     train = config.train.model_copy(
         update={
             "seed": config.seed,

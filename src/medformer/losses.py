@@ -7,7 +7,7 @@ studies.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -58,7 +58,8 @@ class SupervisedObjective:
 
     ``tasks``: task keys to train (default: all the model's tasks for the batch's collection);
     ``task_weights``: optional per-key weights. Regression targets can be standardised with
-    ``targets_scale = {key: (mean, std)}`` so their loss is on the scale of the others.
+    ``targets_scale = {key: (mean, std)}`` so their loss is on the scale of the others. ``augment``
+    (e.g. `medformer.data.augment.Augment`) is applied to each training batch first.
     """
 
     name = "supervised"
@@ -68,10 +69,12 @@ class SupervisedObjective:
         tasks: list[str] | None = None,
         task_weights: Mapping[str, float] | None = None,
         targets_scale: Mapping[str, tuple[float, float]] | None = None,
+        augment: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
     ):
         self.tasks = tasks
         self.task_weights = dict(task_weights or {})
         self.targets_scale = dict(targets_scale or {})
+        self.augment = augment
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor | None, dict[str, float]]:
         keys = model.tasks_for(batch["collection"], batch["images"].dim() - 2)
@@ -85,6 +88,8 @@ class SupervisedObjective:
                 labelled[key] = mask
         if not labelled:
             return None, {}
+        if self.augment is not None:
+            batch = self.augment(batch)
         outputs = model(batch, tasks=list(labelled))
         total: Tensor | None = None
         logs: dict[str, float] = {}

@@ -270,6 +270,8 @@ class Trainer:
     def train_step(self) -> None:
         """One optimizer step over ``grad_accum`` micro-batches (see the module docstring)."""
         cfg, model = self.cfg, self.model
+        if hasattr(model, "set_step"):  # e.g. a Pretrainer: tasks that start after step N
+            model.set_step(self.step)
         autocast = torch.autocast(self.device.type, dtype=self.amp) if self.amp is not None else nullcontext()
         bad = [0] * len(self.objectives)  # non-finite losses per objective
         for _ in range(cfg.grad_accum):
