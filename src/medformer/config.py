@@ -53,7 +53,7 @@ class AugmentConfig(Section):
     and the pretext tasks choose their own in their configs)."""
 
     flip: float = Field(0.0, ge=0, le=1)  # probability of flipping each spatial axis
-    flip_axes: list[int] | None = None  # which spatial axes may flip (default: all)
+    flip_axes: list[int] | None = None  # spatial axes that may flip (default all; -1 = last)
     rotate: float = Field(0.0, ge=0, le=180)  # maximum rotation angle, degrees (about every axis in 3D)
     zoom: float = Field(0.0, ge=0, lt=1)  # scale factor drawn from [1 - zoom, 1 + zoom]
     shift: float = Field(0.0, ge=0, le=1)  # translation, fraction of the image extent

@@ -60,7 +60,7 @@ def random_affine(config: AugmentConfig, batch: int, ndim: int, device: torch.de
         axes = config.flip_axes if config.flip_axes is not None else list(range(ndim))
         sign = torch.ones(batch, ndim, dtype=dt)
         for axis in axes:
-            col = ndim - 1 - axis
+            col = ndim - 1 - (axis % ndim)  # -1: the last spatial axis (left-right in 2D and RAS 3D)
             flips = torch.rand(batch) < config.flip
             sign[flips, col] = -1.0
         linear = linear * sign[:, None, :]

@@ -215,6 +215,10 @@ class Medformer(nn.Module):
         )
         self.output_adaptformer = OutputAdaptformer()
         self.apply(_init_weights)
+        for tokenizer in self.input_adaptformer.tokenizers.values():
+            # MAE's patch-embedding init: with std 0.02 the content of a [0, 1]-scaled patch is ~10x
+            # smaller than its sin-cos position code, and a small data set never learns to see it
+            nn.init.xavier_uniform_(tokenizer.proj.weight)
         self.tasks: dict[str, TaskEntry] = {}
         self.collections: dict[str, int | None] = {}  # name -> ndim (None: not told)
         self.load_report: LoadReport | None = None  # set by from_pretrained
