@@ -199,6 +199,28 @@ def test_masked_pixels_do_not_reach_visible_encoding(model: Medformer) -> None:
     torch.testing.assert_close(a, b, atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("spatial", [(16, 16), (8, 8, 8)], ids=["2d", "3d"])
+def test_conv_tokenizer_keeps_patches_apart_and_round_trips(spatial, tmp_path) -> None:
+    """The conv stem sees one patch at a time: masked patches still cannot reach visible tokens."""
+    conv = tiny_model(tokenizer="conv")
+    images = torch.randn(1, 1, *spatial)
+    other = images.clone()
+    other[(..., *[slice(0, 4)] * (len(spatial) - 1), slice(4, None))] = 7.0  # every cell but the first
+    visible = torch.tensor([[0]])
+    with torch.no_grad():
+        a = conv.encode(conv.tokenize(images, ["T1"]), visible).tokens
+        b = conv.encode(conv.tokenize(other, ["T1"]), visible).tokens
+        c = conv.encode(conv.tokenize(other, ["T1"])).tokens
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.allclose(a, c[:, : a.shape[1]])
+    loaded = Medformer.from_pretrained(conv.save(tmp_path / "m")).eval()
+    assert loaded.config.tokenizer == "conv"
+    x = torch.randn(2, 1, *spatial)
+    col = "c2d" if len(spatial) == 2 else "c3d"
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, ["T1"], collection=col), conv(x, ["T1"], collection=col))
+
+
 def test_scatter_inverts_select_and_dense_decoding_after_fill(model: Medformer) -> None:
     tokens = model.tokenize(torch.randn(2, 1, 8, 8, 8), ["T1"], collection="c3d")
     n = len(tokens)

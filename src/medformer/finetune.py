@@ -86,7 +86,8 @@ def build_model(
         overrides = {
             k: v
             for k, v in config.model_dump().items()
-            if k in ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "drop_path") and v is not None
+            if k in ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "tokenizer", "drop_path")
+            and v is not None
         }
         if config.init:
             model = Medformer.from_pretrained(config.init, strict=False, checkpointing=config.checkpointing)

@@ -16,7 +16,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from medformer.models.tokenizers import Encoded, PatchTokenizer, TokenSet, sincos_position_embedding
+from medformer.models.tokenizers import (
+    ConvPatchTokenizer,
+    Encoded,
+    PatchTokenizer,
+    TokenSet,
+    sincos_position_embedding,
+)
 
 
 def check_name(kind: str, name: str) -> str:
@@ -34,11 +40,19 @@ def _embedding(like: Tensor, *shape: int) -> nn.Parameter:
 class InputAdaptformer(nn.Module):
     """Tokenizers (one per dimensionality) and the latent embeddings (modality, collection, task)."""
 
-    def __init__(self, dim: int, patch_size_2d: int, patch_size_3d: int, num_latents: int = 1):
+    def __init__(
+        self,
+        dim: int,
+        patch_size_2d: int,
+        patch_size_3d: int,
+        num_latents: int = 1,
+        tokenizer: str = "linear",
+    ):
         super().__init__()
         self.dim, self.num_latents = dim, num_latents
+        make = {"linear": PatchTokenizer, "conv": ConvPatchTokenizer}[tokenizer]
         self.tokenizers = nn.ModuleDict(
-            {"2d": PatchTokenizer(2, patch_size_2d, dim), "3d": PatchTokenizer(3, patch_size_3d, dim)}
+            {"2d": make(2, patch_size_2d, dim), "3d": make(3, patch_size_3d, dim)}
         )
         self.modality_embed = nn.ParameterDict()
         self.collection_embed = nn.ParameterDict()

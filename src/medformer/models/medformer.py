@@ -66,6 +66,7 @@ class MedformerConfig:
     head_queries: int = 4
     head_mlp_ratio: float = 1.0
     dense_channels: int = 16
+    tokenizer: str = "linear"  # or "conv": a patch-local convolutional stem (tokenizers.ConvPatchTokenizer)
     drop_path: float = 0.0
     checkpointing: bool = False
 
@@ -85,6 +86,8 @@ class MedformerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tokenizer not in ("linear", "conv"):
+            raise ValueError(f"tokenizer must be 'linear' or 'conv', got {self.tokenizer!r}")
         if self.num_latents < 0 or not 0.0 <= self.drop_path < 1.0 or self.head_mlp_ratio <= 0:
             raise ValueError("num_latents must be >= 0, drop_path in [0, 1) and head_mlp_ratio > 0")
 
@@ -208,7 +211,7 @@ class Medformer(nn.Module):
         super().__init__()
         self.config = cfg = config or MedformerConfig()
         self.input_adaptformer = InputAdaptformer(
-            cfg.dim, cfg.patch_size_2d, cfg.patch_size_3d, cfg.num_latents
+            cfg.dim, cfg.patch_size_2d, cfg.patch_size_3d, cfg.num_latents, cfg.tokenizer
         )
         self.body = Body(
             cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_path, cfg.checkpointing

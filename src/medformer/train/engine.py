@@ -286,7 +286,11 @@ class Trainer:
                 if loss is None:
                     continue
                 value = float(loss.detach())
-                if not math.isfinite(value):
+                finite = math.isfinite(value)
+                if self.info.distributed:  # all ranks skip together: a lone backward would wait forever
+                    flag = torch.tensor([0.0 if finite else 1.0], device=self.device)
+                    finite = float(dist.sum_tensor(flag, self.info)) == 0
+                if not finite:
                     bad[i] += 1
                     continue
                 term = self.weighting.term(i, loss.float())
