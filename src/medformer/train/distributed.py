@@ -11,6 +11,10 @@ is missing on every rank stays ``None``, so AdamW skips that parameter exactly a
 
 Launch with ``torchrun --nproc-per-node N``: `setup` reads RANK / WORLD_SIZE / LOCAL_RANK and starts the
 process group (NCCL on CUDA, Gloo on CPU) unless the caller already did.
+
+Contrastive losses need the other ranks' embeddings as negatives: `gather_with_grad` all-gathers them
+and sends the gradient back to the rank that made each row (see its docstring for why the backward pass
+is a sum).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor
 
 BUCKET_BYTES = 25 * 2**20
@@ -145,3 +150,54 @@ def average_logs(
     ).to(device)
     t = sum_tensor(t, info).cpu()
     return {k: float(t[0, i] / t[1, i]) for i, k in enumerate(keys) if t[1, i] > 0}
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather rows in rank order; backward: sum every rank's gradient of the gathered tensor, keep
+    this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, sizes: list[int]) -> Tensor:  # type: ignore[override]
+        ctx.sizes, ctx.rank = sizes, dist.get_rank()
+        padded = F.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0])).contiguous()
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        start = sum(ctx.sizes[: ctx.rank])
+        return grad[start : start + ctx.sizes[ctx.rank]], None
+
+
+@dataclass
+class Gathered:
+    """Rows gathered from every rank (rank order): ``sizes[r]`` rows came from rank ``r``."""
+
+    rows: Tensor
+    sizes: list[int]
+    rank: int
+
+    @property
+    def start(self) -> int:
+        """Where this rank's own rows begin in ``rows``."""
+        return sum(self.sizes[: self.rank])
+
+
+def gather_with_grad(x: Tensor) -> Gathered:
+    """Every rank's ``x`` ``(n_r, ...)`` concatenated in rank order; gradients flow back to each row's rank.
+
+    Each rank's loss uses every rank's rows, so the gradient of a row is the *sum* over ranks of their
+    losses' gradients (an all-reduce in the backward pass); `allreduce_gradients` then divides by the
+    world size, which gives exactly the gradient of the mean loss of one process that saw the whole
+    global batch. Ranks may hold different numbers of rows. Without a process group: ``x`` itself.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return Gathered(x, [x.shape[0]], 0)
+    size = torch.tensor([x.shape[0]], device=x.device)
+    sizes = [torch.empty_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    return Gathered(_GatherWithGrad.apply(x, counts), counts, dist.get_rank())
