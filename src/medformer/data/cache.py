@@ -24,6 +24,7 @@ from medformer.data.transforms import Preprocessor, Volume
 from medformer.errors import DataError
 
 Reader = Callable[[str | Path], Volume]
+PLACEMENT = ("crop_box", "grid", "origin", "foreground")  # where the array sits (see transforms.py)
 
 
 class PreprocessCache:
@@ -80,7 +81,7 @@ class PreprocessCache:
             images,
             labels=labels,
             spacing=tuple(meta["spacing"]),
-            metadata={**study.metadata, "crop_box": meta["crop_box"]},
+            metadata={**study.metadata, **{k: meta[k] for k in PLACEMENT if k in meta}},
         )
 
     def _process(self, study: Study) -> tuple[dict, np.ndarray]:

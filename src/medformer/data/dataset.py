@@ -8,6 +8,9 @@ A batch is a dict (every model, objective and metric reads this one format):
 - ``collection``: the collection's name; ``ndim``: 2 or 3
 - ``labels``: task label key -> tensor ``(B, ...)``; ``has_label``: key -> bool ``(B,)``
 - ``ids``: the study ids
+- ``origin``: long ``(B, ndim)``: where each array's first voxel lies in its study's uncropped grid,
+  ``grid``: long ``(B, ndim)``: that grid's shape, ``foreground``: long ``(B, 2, ndim)``: the foreground
+  box ``[start, end)`` in it (recorded by preprocessing; an array without that record is its own grid)
 """
 
 from __future__ import annotations
@@ -97,9 +100,15 @@ def study_to_item(
         has_label[task.key] = value is not None and not (
             task.kind == "segmentation" and task.key not in study.labels
         )
+    origin = study.metadata.get("origin", [0] * len(shape))
+    grid = study.metadata.get("grid", list(shape))
+    foreground = study.metadata.get("foreground", [[0] * len(shape), list(shape)])
     return {
         "images": torch.from_numpy(images),
         "present": torch.from_numpy(present),
+        "origin": torch.as_tensor(origin, dtype=torch.long),
+        "grid": torch.as_tensor(grid, dtype=torch.long),
+        "foreground": torch.as_tensor(foreground, dtype=torch.long),
         "labels": labels,
         "has_label": has_label,
         "id": study.id,
@@ -114,9 +123,13 @@ def collate(items: list[dict[str, Any]]) -> Batch:
     first = items[0]
     if any(it["collection"] != first["collection"] for it in items):
         raise ValueError("a batch must hold studies of one collection (use MultiCollectionSampler)")
+    placement = {
+        k: torch.stack([it[k] for it in items]) for k in ("origin", "grid", "foreground") if k in first
+    }
     return {
         "images": torch.stack([it["images"] for it in items]),
         "present": torch.stack([it["present"] for it in items]),
+        **placement,
         "labels": {k: torch.stack([it["labels"][k] for it in items]) for k in first["labels"]},
         "has_label": {k: torch.tensor([it["has_label"][k] for it in items]) for k in first["has_label"]},
         "ids": [it["id"] for it in items],

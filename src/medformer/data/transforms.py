@@ -3,6 +3,12 @@
 Built on MONAI transforms. All modalities of a study are processed together as channels of one
 image, so they stay on one grid and one crop. The output arrays are ``(D, H, W)`` = ``(z, y, x)``
 after reorientation to RAS for 3D (``array[k]`` is an axial slice), ``(H, W)`` for 2D.
+
+Where the output sits is recorded, because learned per-position priors (BrainMVP's modality templates)
+must be cropped at the same place: ``meta["grid"]`` is the shape of the reoriented, resampled image
+(before any crop), ``meta["origin"]`` the voxel of that grid where the output's first voxel lies (the
+foreground crop and the centred pad/crop moved it; negative where padding was added) and
+``meta["foreground"]`` the foreground box ``[start, end)`` in that grid, all in the output's axis order.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ Volume = LoadedImage  # one image as read from disk: array in file index order +
 class Preprocessor:
     """Applies a `PreprocessConfig` to the modalities (and optional mask) of one study."""
 
-    VERSION = 1  # bump when the output of the same settings changes, to invalidate caches
+    VERSION = 2  # bump when the output of the same settings changes, to invalidate caches
 
     def __init__(self, config: PreprocessConfig | None = None):
         self.config = config or PreprocessConfig()
@@ -86,6 +92,7 @@ class Preprocessor:
                 )
             img = Spacing(pixdim=cfg.spacing, mode="bilinear")(img)
             seg = Spacing(pixdim=cfg.spacing, mode="nearest")(seg) if seg is not None else None
+        grid_affine, grid_shape = np.asarray(img.affine, np.float64), list(img.shape[1:])
         box = None
         if cfg.crop_foreground:
             cropper = CropForeground(select_fn=_above_background, allow_smaller=True)
@@ -104,6 +111,11 @@ class Preprocessor:
                 img = Resize(cfg.size, mode="trilinear" if ndim == 3 else "bilinear")(img)
                 seg = Resize(cfg.size, mode="nearest")(seg) if seg is not None else None
         spacing = tuple(float(s) for s in np.sqrt((np.asarray(img.affine)[:ndim, :ndim] ** 2).sum(0)))
+        # the output's first voxel in the uncropped grid (exact for crops and pads; approximate after an
+        # interpolating resize, which also changes the voxel size)
+        to_grid = np.linalg.solve(grid_affine, np.asarray(img.affine, np.float64))
+        origin = np.rint(to_grid[:ndim, -1]).astype(int).tolist()
+        foreground = box or [[0] * ndim, grid_shape]
         arr = np.asarray(img.array if hasattr(img, "array") else img, dtype=np.float32)
         seg_arr = np.zeros((0, *arr.shape[1:]), np.uint8) if seg is None else np.rint(np.asarray(seg.array))
         seg_arr = seg_arr.astype(np.uint8)
@@ -111,7 +123,16 @@ class Preprocessor:
             arr = np.ascontiguousarray(arr.transpose(0, 3, 2, 1))
             seg_arr = np.ascontiguousarray(seg_arr.transpose(0, 3, 2, 1))
             spacing = spacing[::-1]
-        meta = {"spacing": spacing, "crop_box": box, "shape": list(arr.shape[1:])}
+            origin, grid_shape = origin[::-1], grid_shape[::-1]
+            foreground = [list(foreground[0])[::-1], list(foreground[1])[::-1]]
+        meta = {
+            "spacing": spacing,
+            "crop_box": box,
+            "shape": list(arr.shape[1:]),
+            "grid": [int(n) for n in grid_shape],
+            "origin": origin,
+            "foreground": [[int(i) for i in foreground[0]], [int(i) for i in foreground[1]]],
+        }
         return dict(zip(names, arr, strict=True)), dict(zip(masks, seg_arr, strict=True)), meta
 
     def _on_one_grid(self, images: dict[str, Volume], first: Volume) -> list[Volume]:

@@ -31,6 +31,7 @@ from medformer.errors import MedformerError
 from medformer.models.adaptformer import InputAdaptformer, OutputAdaptformer, check_name
 from medformer.models.body import PRESETS, Body
 from medformer.models.heads import OrdinalMode, make_head
+from medformer.models.templates import Align, ModalityTemplates
 from medformer.models.tokenizers import Encoded, TokenSet
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ _UNIT_PREFIXES = (
     ("output_adaptformer.heads.", "task"),
     ("input_adaptformer.collection_embed.", "collection"),
     ("input_adaptformer.modality_embed.", "modality"),
+    ("input_adaptformer.templates.volumes.", "template"),
 )
 
 
@@ -243,8 +245,31 @@ class Medformer(nn.Module):
         return list(self.input_adaptformer.modality_embed)
 
     def add_modality(self, name: str) -> None:
-        """Register a modality name (idempotent): adds one learned embedding vector."""
+        """Register a modality name (idempotent): adds one learned embedding vector (and a zero
+        template, when the model has modality templates)."""
         self.input_adaptformer.add_modality(name)
+        if self.templates is not None:
+            self.templates.add(name)
+
+    @property
+    def templates(self) -> ModalityTemplates | None:
+        """The learned modality templates (BrainMVP), when added: `add_templates`."""
+        return getattr(self.input_adaptformer, "templates", None)
+
+    def add_templates(
+        self,
+        shape: Sequence[int],
+        align: Align = "grid",
+        normalise: bool = False,
+        fill_missing: bool = False,
+        lr_scale: float = 10.0,
+    ) -> ModalityTemplates:
+        """Give the input side one learnable template volume per modality on a ``shape`` reference grid
+        (idempotent: an existing module is returned as it is; see `models/templates.py`)."""
+        if self.templates is None:
+            templates = ModalityTemplates(shape, self.modalities, align, normalise, fill_missing, lr_scale)
+            self.input_adaptformer.templates = templates.to(self.body.norm.weight.device)
+        return self.templates
 
     def add_collection(self, collection: str | Collection, ndim: int | None = None) -> None:
         """Register a collection (idempotent): adds its latent tokens. Given a `Collection`, also registers
@@ -377,6 +402,8 @@ class Medformer(nn.Module):
         ``tasks`` defaults to `tasks_for` the batch's collection.
         """
         if isinstance(x, Mapping):
+            if self.templates is not None and self.templates.fill_missing and "present" in x:
+                x = self.templates.fill(x)  # missing modalities from their templates
             images = x["images"]
             modalities = modalities if modalities is not None else x["modalities"]
             present = present if present is not None else x.get("present")
@@ -417,6 +444,7 @@ class Medformer(nn.Module):
             "modalities": self.modalities,
             "collections": {name: {"ndim": ndim} for name, ndim in self.collections.items()},
             "tasks": {key: entry.to_dict() for key, entry in self.tasks.items()},
+            **({"templates": self.templates.describe()} if self.templates is not None else {}),
         }
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -468,6 +496,8 @@ class Medformer(nn.Module):
         for key, d in meta.get("tasks", {}).items():
             entry = TaskEntry.from_dict(d)
             model.add_task(entry.spec, entry.collection, key=key, ndim=entry.ndim, ordinal=entry.ordinal)
+        if meta.get("templates"):
+            model.input_adaptformer.templates = ModalityTemplates.from_description(meta["templates"])
         model.load_report = model.load_pretrained(directory, strict=strict)
         return model
 
