@@ -96,6 +96,50 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    from medformer.pretrain import PretrainConfig, run_pretrain
+
+    config = _run_config(PretrainConfig, args)
+    summary = run_pretrain(config, resume=args.resume)
+    for key, value in sorted(summary.get("losses", {}).items()):
+        print(f"{key:40s} {value:.4f}")
+    print(f"pre-trained model: {summary['model']}")
+    print(f"fine-tune it with: medformer finetune --init {summary['output']} --config ...")
+    return 0
+
+
+def cmd_templates_export(args: argparse.Namespace) -> int:
+    from medformer.errors import ConfigError
+    from medformer.finetune import model_folder
+    from medformer.models import Medformer
+    from medformer.models.templates import export_templates
+
+    folder = model_folder(args.model)
+    model = Medformer.from_pretrained(folder)
+    if model.templates is None:
+        raise ConfigError(
+            f"{folder}: this model has no modality templates (pre-train it with task: brainmvp)"
+        )
+    output = Path(args.output or Path(folder) / "templates")
+    for path in export_templates(model.templates, output, args.spacing):
+        print(path)
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from medformer.generate.train import GenerateConfig, run_generate
+
+    config = _run_config(GenerateConfig, args)
+    results = run_generate(config)
+    for split in ("val", "test"):
+        for name, key in (("translator", split), ("copy source", f"{split}_copy_source")):
+            for metric, value in sorted(results.get(key, {}).items()):
+                print(f"{split:5s} {name:12s} {metric:16s} {value:.4f}")
+    print(f"translator: {Path(config.output) / 'translator'}")
+    print(f"report: {Path(config.output) / 'report.md'}")
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from medformer.finetune import evaluate_run
     from medformer.runtime import seed_everything
@@ -139,21 +183,29 @@ def build_parser() -> argparse.ArgumentParser:
     data.set_defaults(func=lambda a: (data.print_help(), 1)[1])
 
     planned = {
-        "pretrain": ("self-supervised pre-training on unlabeled collections", "self-supervised pre-training"),
         "predict": ("apply a fine-tuned model to new images", "prediction"),
-        "generate": ("train a cross-modal translator (missing-modality synthesis)", "cross-modal generation"),
         "adapt": ("adapt a trained model to a new site or collection", "domain adaptation"),
         "benchmark": ("speed, memory and accuracy benchmarks", "the benchmark command"),
-        "templates": ("export learned modality templates (NIfTI + PNG)", "template export"),
     }
     demo = sub.add_parser("demo", help="the workflow on built-in simulated brain MRI, in minutes on a CPU")
     demo.add_argument("--quick", action="store_true", help="a smaller cohort (smoke run)")
     _common(demo, config=False)
     demo.set_defaults(func=cmd_demo)
 
+    pt = sub.add_parser(
+        "pretrain", help="self-supervised pre-training on unlabeled collections (2D and 3D together)"
+    )
+    _common(pt)
+    pt.add_argument(
+        "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
+    )
+    pt.set_defaults(func=cmd_pretrain)
+
     ft = sub.add_parser("finetune", help="fine-tune a model on one or many labelled tasks")
     _common(ft)
-    ft.add_argument("--init", metavar="DIR", help="start from a saved model (e.g. runs/pretrain/model)")
+    ft.add_argument(
+        "--init", metavar="DIR", help="start from a saved model or a run folder (e.g. runs/pretrain)"
+    )
     ft.add_argument(
         "--label-fraction", type=float, metavar="F", help="use a stratified fraction of the labels"
     )
@@ -162,6 +214,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue the run in --output from its last checkpoint"
     )
     ft.set_defaults(func=cmd_finetune)
+
+    tp = sub.add_parser("templates", help="learned modality templates (BrainMVP)")
+    tp_sub = tp.add_subparsers(dest="templates_command", metavar="SUBCOMMAND")
+    tx = tp_sub.add_parser("export", help="write each modality template as NIfTI and mid-slices as PNG")
+    tx.add_argument(
+        "--model", required=True, metavar="DIR", help="a saved model or a pre-training run folder"
+    )
+    tx.add_argument("--output", "-o", metavar="DIR", help="where to write (default: <model>/templates)")
+    tx.add_argument(
+        "--spacing",
+        type=float,
+        nargs="+",
+        metavar="MM",
+        help="voxel size written into the NIfTI (default 1 mm)",
+    )
+    tx.set_defaults(func=cmd_templates_export)
+    tp.set_defaults(func=lambda a: (tp.print_help(), 1)[1])
+
+    gen = sub.add_parser(
+        "generate", help="train a cross-modal translator (missing-modality synthesis) and score it"
+    )
+    _common(gen)
+    gen.set_defaults(func=cmd_generate)
 
     ev = sub.add_parser("evaluate", help="metrics and an HTML/Markdown report for a run")
     ev.add_argument("--run", required=True, metavar="DIR", help="a run folder (written by finetune)")
@@ -173,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, (help_text, what) in planned.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _common(p, config=name not in ("predict", "templates"))
+        _common(p, config=name != "predict")
         p.set_defaults(func=_planned(name, what))
     return parser
 

@@ -17,7 +17,15 @@ import numpy as np
 from pydantic import Field
 from torch import nn
 
-from medformer.config import AugmentConfig, FinetuneSection, ModelConfig, RunConfig, dump_config, load_config
+from medformer.config import (
+    AugmentConfig,
+    FinetuneSection,
+    ModelConfig,
+    RunConfig,
+    Section,
+    dump_config,
+    load_config,
+)
 from medformer.data.augment import Augment
 from medformer.data.cache import PreprocessCache
 from medformer.data.dataset import CollectionDataset
@@ -30,7 +38,15 @@ from medformer.errors import ConfigError
 from medformer.evaluate.predict import evaluate
 from medformer.evaluate.report import write_report
 from medformer.losses import SupervisedObjective, task_spec
+from medformer.models.templates import templates_for_finetuning
 from medformer.runtime import resolve_device, seed_everything
+
+
+class TemplateUse(Section):
+    """Modality templates of a BrainMVP pre-trained model (``model.init``), see models/templates.py."""
+
+    fill_missing: bool = False  # missing modalities from their templates (kept in the saved model)
+    mix: int = Field(0, ge=0)  # channel mixing: per training study, 0..mix modalities -> templates
 
 
 class FinetuneConfig(RunConfig):
@@ -39,6 +55,7 @@ class FinetuneConfig(RunConfig):
     output: str = "runs/finetune"
     finetune: FinetuneSection = Field(default_factory=FinetuneSection)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)  # training batches only
+    templates: TemplateUse = Field(default_factory=TemplateUse)
 
 
 PRIMARY = {
@@ -50,7 +67,7 @@ PRIMARY = {
 }
 
 
-def open_collections(config: FinetuneConfig) -> tuple[list[Collection], PreprocessCache]:
+def open_collections(config: RunConfig) -> tuple[list[Collection], PreprocessCache]:
     """Open every data source; file-based collections are preprocessed once into the cache."""
     if not config.data:
         raise ConfigError("config: no data given (add `data: [{path: ...}]` or --set data=[{path: ...}])")
@@ -90,7 +107,10 @@ def build_model(
             and v is not None
         }
         if config.init:
-            model = Medformer.from_pretrained(config.init, strict=False, checkpointing=config.checkpointing)
+            training = {"drop_path": config.drop_path} if config.drop_path is not None else {}
+            model = Medformer.from_pretrained(
+                model_folder(config.init), strict=False, checkpointing=config.checkpointing, **training
+            )
         else:
             model = Medformer(
                 MedformerConfig.from_preset(config.preset, checkpointing=config.checkpointing, **overrides)
@@ -117,6 +137,19 @@ def build_model(
         return UNetBaseline(col.modalities, specs, ndim=col.ndim, collection=col.name)
     depth = 18 if config.arch == "resnet18" else 50
     return ResNetBaseline(col.ndim, col.modalities, specs, depth=depth, stem=config.stem, collection=col.name)
+
+
+def model_folder(path: str | Path) -> Path:
+    """A saved model folder, or a run folder: its ``best/`` (fine-tuning) or ``model/`` (pre-training)."""
+    path = Path(path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    for sub in ("best", "model"):
+        if (path / sub / "config.json").is_file():
+            return path / sub
+    raise ConfigError(
+        f"model.init: {path} is neither a saved model (config.json) nor a run folder with model/"
+    )
 
 
 def training_studies(col: Collection, section: FinetuneSection) -> list:
@@ -186,7 +219,10 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, progress: bool = 
     groups = finetune_param_groups(
         model, config.finetune.mode, config.train.lr, config.train.weight_decay, config.finetune.layer_decay
     )
-    objective = SupervisedObjective(targets_scale=scales, augment=Augment(config.augment))
+    augment = templates_for_finetuning(
+        model, config.templates.fill_missing, config.templates.mix, Augment(config.augment)
+    )
+    objective = SupervisedObjective(targets_scale=scales, augment=augment)
     train = config.train.model_copy(
         update={
             "seed": config.seed,
