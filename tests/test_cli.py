@@ -57,5 +57,5 @@ def test_inspect_missing_path_is_one_line_error(tmp_path, capsys):
 
 
 def test_planned_command_says_so_and_fails(capsys):
-    assert main(["adapt"]) == NOT_AVAILABLE
+    assert main(["benchmark"]) == NOT_AVAILABLE
     assert "not available yet" in capsys.readouterr().err

@@ -66,7 +66,9 @@ def cmd_data_inspect(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from medformer.demo import run_demo
 
-    run_demo(args.output or "runs/demo", quick=args.quick, seed=args.seed or 0, device=args.device or "auto")
+    size = "quick" if args.quick else "full" if args.full else "default"
+    output = args.output or "runs/demo"
+    run_demo(output, size, seed=args.seed or 0, device=args.device or "auto", threads=args.threads)
     return 0
 
 
@@ -108,6 +110,24 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from medformer.adapt import AdaptConfig, run_adapt
+
+    extra = {"model.init": args.init}
+    if args.collection:
+        extra["data"] = json.dumps([{"path": args.collection}])
+    config = _run_config(AdaptConfig, args, **extra)
+    results = run_adapt(config)
+    p = results["parameters"]
+    print(
+        f"trained {p['trained']} of {p['total']} parameters ({100 * p['fraction']:.3f}%; "
+        f"full fine-tuning: {p['full_finetuning']})"
+    )
+    _print_results({k: v for k, v in results.items() if k in ("val", "test")}, config.output)
+    print(f"adapted model: {Path(config.output) / 'model'}")
+    return 0
+
+
 def cmd_templates_export(args: argparse.Namespace) -> int:
     from medformer.errors import ConfigError
     from medformer.finetune import model_folder
@@ -145,6 +165,17 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from medformer.runtime import seed_everything
 
     seed_everything(args.seed or 0)
+    if (Path(args.run) / "demo.json").exists():  # a demo run folder: rebuild its comparison report
+        from medformer.demo import write_demo_report
+
+        _print_results(write_demo_report(args.run, device=args.device), args.run)
+        return 0
+    config = Path(args.run) / "config.yaml"
+    if config.exists() and "\npretext:" in "\n" + config.read_text():  # a pre-training run: no labels
+        from medformer.evaluate.report import write_pretrain_report
+
+        _print_results(write_pretrain_report(args.run, args.output), args.output or args.run)
+        return 0
     results = evaluate_run(args.run, model_dir=args.model, device=args.device, output=args.output)
     _print_results(results, args.output or args.run)
     return 0
@@ -184,11 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     planned = {
         "predict": ("apply a fine-tuned model to new images", "prediction"),
-        "adapt": ("adapt a trained model to a new site or collection", "domain adaptation"),
         "benchmark": ("speed, memory and accuracy benchmarks", "the benchmark command"),
     }
     demo = sub.add_parser("demo", help="the workflow on built-in simulated brain MRI, in minutes on a CPU")
-    demo.add_argument("--quick", action="store_true", help="a smaller cohort (smoke run)")
+    size = demo.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="a small cohort and a few steps (about a minute)")
+    size.add_argument("--full", action="store_true", help="a bigger cohort, grid and model (for a GPU)")
+    demo.add_argument("--threads", type=int, metavar="N", help="torch CPU threads (default: one per core)")
     _common(demo, config=False)
     demo.set_defaults(func=cmd_demo)
 
@@ -237,6 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(gen)
     gen.set_defaults(func=cmd_generate)
+
+    ad = sub.add_parser(
+        "adapt",
+        help="adapt a trained model to a new site or collection (adapter-only: new latent embeddings)",
+    )
+    _common(ad)
+    ad.add_argument("--init", metavar="RUN", help="the trained model: a run folder or a saved model folder")
+    ad.add_argument("--collection", metavar="PATH", help="the new collection (sets data to this one entry)")
+    ad.set_defaults(func=cmd_adapt)
 
     ev = sub.add_parser("evaluate", help="metrics and an HTML/Markdown report for a run")
     ev.add_argument("--run", required=True, metavar="DIR", help="a run folder (written by finetune)")

@@ -1,86 +1,706 @@
-"""`medformer demo`: the workflow on built-in data, with nothing of the user's needed.
+"""`medformer demo`: the whole workflow on built-in data, with nothing of the user's needed.
 
-Today it runs the stages that exist: generate the simulated brain MRI cohort, inspect it, preprocess
-it once into the cache, and run a Medformer over a batch with missing modalities for every task of
-the cohort. Pre-training and fine-tuning stages join as the training engine lands.
+    simulated multi-contrast brain MRI cohort (T1w, T1c, T2w, FLAIR; tumours; missing modalities)
+    -> inspect -> preprocess once into the cache
+    -> pre-train one Medformer without labels: multimodal jigsaw puzzles (when the task is available),
+       BrainMVP (cross-modal reconstruction, modality templates, modality-aware contrast) and MAE
+    -> fine-tune tumour segmentation and the enhancing / non-enhancing class together, with 10% and
+       100% of the training labels, from the pre-trained model and from scratch (same recipe and steps)
+    -> score every run on the test split -> report.html, report.md and results.json in the run folder
+
+Sizes (`SIZES`): ``quick`` checks the pipeline in about a minute, ``default`` is the demonstration
+(minutes on a laptop CPU), ``full`` a bigger cohort, grid and model for a GPU. Every stage writes into
+the run folder; the report is built from those files alone (`write_demo_report`), so ``medformer
+evaluate --run runs/demo`` rebuilds it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import shutil
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
-from medformer.config import PreprocessConfig
+from medformer.config import PreprocessConfig, build_config, load_config
 from medformer.data.cache import PreprocessCache
-from medformer.data.dataset import CollectionDataset, collate
 from medformer.data.inspect import inspect_collection
 from medformer.data.manifest import open_collection
 from medformer.data.phantom import PhantomConfig, write_cohort
 from medformer.data.transforms import Preprocessor
+from medformer.evaluate.examples import dice, overlay_rows, predict_labels, segmentation_examples
+from medformer.evaluate.figures import (
+    grouped_curves,
+    label_efficiency,
+    objective_curves,
+    puzzle_figure,
+    run_curves,
+    segmentation_overlays,
+    study_figure,
+)
+from medformer.evaluate.report import Image, Section, figure_png, pretext_caption, read_metrics, write_report
 from medformer.runtime import prepare_output, resolve_device, seed_everything
 
+log = logging.getLogger("medformer.demo")
+SEGMENTATION, CLASSIFICATION = "tumour", "enhancing"  # the cohort's tasks that are fine-tuned
+PRETEXT_LOGS = {  # panels of the pre-training task logs: metrics.jsonl key -> line label
+    "BrainMVP parts": {"brainmvp/md": "MD (template view)", "brainmvp/cmr": "CMR (cross-modal view)",
+                       "brainmvp/mcl": "MCL (contrastive)"},
+    "puzzle accuracy": {"puzzle/tiles_correct": "tiles placed right", "puzzle/solved": "puzzles solved"},
+    "MAE": {"loss/mae": "reconstruction loss"},
+}  # fmt: skip
+REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}  # BraTS regions: whole tumour, core, enhancing
 
-def _stage(title: str) -> float:
-    print(f"\n== {title}", flush=True)
+
+@dataclass(frozen=True)
+class DemoSize:
+    """How big a demo run is: cohort, grid, model and step counts (each fine-tuning run the same)."""
+
+    name: str
+    subjects: int
+    voxel_mm: float  # the simulated cohort's voxel size ...
+    grid: int  # ... and grid (voxels per axis); 5 mm x 40 spans 200 mm, the whole head
+    size: tuple[int, int, int]  # preprocessed arrays (z, y, x): the brain's box, padded to patches
+    tumour_radius_mm: tuple[float, float] = (20.0, 35.0)  # whole tumours of ~25-270 ml, median ~100 ml
+    model: dict[str, int] = field(default_factory=dict)  # Medformer width / depth / heads
+    pretrain_steps: int = 300
+    pretrain_batch: int = 4
+    pretrain_lr: float = 1e-3
+    finetune_steps: int = 150
+    finetune_batch: int = 2
+    finetune_lr: float = 1e-3
+    eval_every: int = 25
+    puzzle_grid: int = 3  # 3^3 tiles per 3D puzzle
+    fractions: tuple[float, ...] = (0.1, 1.0)
+    examples: int = 3  # test subjects drawn with their segmentations
+
+
+SIZES: dict[str, DemoSize] = {
+    "quick": DemoSize(
+        "quick", subjects=12, voxel_mm=5.0, grid=40, size=(32, 40, 32),
+        model={"dim": 48, "depth": 2, "heads": 2},
+        pretrain_steps=6, pretrain_batch=2, finetune_steps=6, finetune_batch=2, eval_every=3,
+        puzzle_grid=2, examples=2,
+    ),
+    "default": DemoSize(
+        "default", subjects=80, voxel_mm=5.0, grid=40, size=(32, 40, 32),
+        model={"dim": 96, "depth": 4, "heads": 3},
+        pretrain_steps=400, pretrain_batch=4, finetune_steps=250, finetune_batch=2, eval_every=50,
+    ),
+    "full": DemoSize(
+        "full", subjects=200, voxel_mm=3.0, grid=64, size=(56, 64, 48),
+        model={"dim": 192, "depth": 8, "heads": 3},
+        pretrain_steps=4000, pretrain_batch=8, pretrain_lr=5e-4, finetune_steps=1000, finetune_batch=4,
+        finetune_lr=5e-4, eval_every=100, puzzle_grid=3, fractions=(0.1, 0.3, 1.0), examples=4,
+    ),
+}  # fmt: skip
+
+
+def run_label(pretrained: bool, fraction: float) -> str:
+    """The name of a fine-tuning run in the report, e.g. "pre-trained, 10% labels"."""
+    return f"{'pre-trained' if pretrained else 'scratch'}, {100 * fraction:g}% labels"
+
+
+def run_folder(pretrained: bool, fraction: float) -> str:
+    return f"finetune/{'pretrained' if pretrained else 'scratch'}_{100 * fraction:g}"
+
+
+def preprocess_config(size: DemoSize) -> PreprocessConfig:
+    """Crop to the brain, scale intensities per study (0.5-99.5 percentiles), pad to the grid."""
+    return PreprocessConfig(crop_foreground=True, intensity="percentile", size=list(size.size))
+
+
+def available_task(name: str) -> str | None:
+    """None when the pretext task ``name`` can be built, else why not (it is then left out)."""
+    from medformer.pretext.registry import task_class
+
+    try:
+        task_class(name)
+    except Exception as e:  # a task module that does not import must not stop the demo
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def pretext_entries(size: DemoSize) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The pre-training tasks (multimodal puzzle, BrainMVP, MAE, whichever exist) and those left out."""
+    candidates = {
+        "puzzle": {"task": "puzzle", "grid_3d": size.puzzle_grid, "modality_mode": "multimodal",
+                   "loss": "mse+ce"},
+        "brainmvp": {"task": "brainmvp", "template_shape": list(size.size),
+                     "total_steps": size.pretrain_steps},
+        "mae": {"task": "mae", "masking": "block", "block_size": 8, "mask_ratio": 0.75, "decoder_dim": 64,
+                "decoder_depth": 1},
+    }  # fmt: skip
+    entries, missing = [], {}
+    for name, entry in candidates.items():
+        why = available_task(name)
+        if why is None:
+            entries.append(entry)
+        else:
+            missing[name] = why
+    return entries, missing
+
+
+def _stage(number: int, total: int, title: str) -> float:
+    print(f"\n== {number}/{total} {title}", flush=True)
     return time.perf_counter()
 
 
-def run_demo(
-    output: str | Path = "runs/demo", quick: bool = False, seed: int = 0, device: str = "auto"
-) -> dict:
-    """Run the demo into ``output``; returns (and writes ``summary.json``) what each stage produced."""
-    from medformer.models import Medformer, MedformerConfig
+def _since(start: float) -> float:
+    return round(time.perf_counter() - start, 1)
 
+
+def run_demo(
+    output: str | Path = "runs/demo",
+    size: str | DemoSize = "default",
+    seed: int = 0,
+    device: str = "auto",
+    threads: int | None = None,
+) -> dict[str, Any]:
+    """Run the demo into ``output`` and return its results (also in ``results.json``).
+
+    ``size``: a name of `SIZES` or a `DemoSize`; ``threads``: torch CPU threads (default: torch's
+    choice, one per core; on a machine shared with other jobs one thread is often faster).
+    """
+    from medformer.finetune import FinetuneConfig, run_finetune
+    from medformer.pretrain import PretrainConfig, run_pretrain
+
+    settings = SIZES[size] if isinstance(size, str) else size
+    if threads:
+        torch.set_num_threads(threads)
+    wall = time.perf_counter()
     out = prepare_output(output)
     seed_everything(seed)
     dev = resolve_device(device)
-    summary: dict[str, Any] = {"quick": quick, "seed": seed, "device": str(dev)}
+    for stale in ("pretrain", "finetune"):  # this demo's own runs: a rerun starts them afresh
+        shutil.rmtree(out / stale, ignore_errors=True)
+    entries, left_out = pretext_entries(settings)
+    state: dict[str, Any] = {
+        "size": asdict(settings),
+        "seed": seed,
+        "device": str(dev),
+        "threads": torch.get_num_threads(),
+        "pretext": entries,
+        "pretext_left_out": left_out,
+        "timings": {},
+        "runs": {},
+    }
+    total = 6
+    print(
+        f"medformer demo ({settings.name}): {settings.subjects} simulated subjects, Medformer "
+        f"{settings.model}, {settings.pretrain_steps} pre-training and {len(settings.fractions) * 2} x "
+        f"{settings.finetune_steps} fine-tuning steps on {dev} ({torch.get_num_threads()} threads)",
+        flush=True,
+    )
 
-    t = _stage("1/4 simulated brain MRI cohort (T1w, T1c, T2w, FLAIR; simulated tumours)")
-    # 3 mm voxels on a 64^3 grid hold the whole brain (192 mm field of view)
-    cohort = PhantomConfig(n_subjects=8 if quick else 40, seed=seed, voxel_size_mm=3.0, shape=(64, 64, 64))
+    t = _stage(1, total, "simulated brain MRI cohort (T1w, T1c, T2w, FLAIR; tumours; missing modalities)")
+    cohort = PhantomConfig(
+        n_subjects=settings.subjects,
+        seed=seed,
+        voxel_size_mm=settings.voxel_mm,
+        shape=(settings.grid,) * 3,
+        tumour_radius_mm=settings.tumour_radius_mm,
+    )
     manifest = write_cohort(out / "data" / "brain_phantom", cohort)
-    summary["cohort"] = {"manifest": str(manifest), "subjects": cohort.n_subjects, "seconds": _since(t)}
+    state["manifest"] = str(manifest)
+    state["timings"]["cohort"] = _since(t)
 
-    t = _stage("2/4 inspect")
+    t = _stage(2, total, "inspect, then preprocess once into the cache")
     collection = open_collection(manifest)
     report = inspect_collection(collection)
     print(report.format())
-    summary["inspect"] = report.to_dict()
+    state["inspect"] = report.to_dict()
+    cache = PreprocessCache(out / "cache", Preprocessor(preprocess_config(settings)))
+    prepared, skipped = cache.prepare(collection, skip_bad=True)
+    state["cohort"] = cohort_summary(prepared, settings)
+    state["cohort"]["skipped"] = len(skipped)
+    state["timings"]["inspect + preprocess"] = _since(t)
+    _save_state(out, state)
 
-    t = _stage("3/4 preprocess once into the cache")
-    cache = PreprocessCache(
-        out / "cache", Preprocessor(PreprocessConfig(crop_foreground=False, size=[64, 64, 64]))
-    )
-    collection, skipped = cache.prepare(collection, skip_bad=True)
-    summary["preprocess"] = {"studies": len(collection), "skipped": len(skipped), "seconds": _since(t)}
-
-    t = _stage("4/4 Medformer over a batch with missing modalities")
-    model = Medformer(MedformerConfig.from_preset("tiny"))
-    model.add_collection(collection)
-    model.to(dev).eval()
-    studies = sorted(collection.studies, key=lambda s: len(s.modalities))[:2]  # include missing modalities
-    batch = collate([CollectionDataset(collection, None, load=cache, studies=studies)[i] for i in range(2)])
-    with torch.no_grad():
-        outputs = model({**batch, "images": batch["images"].to(dev), "present": batch["present"].to(dev)})
-    shapes = {k: list(v.shape) for k, v in outputs.items()}
-    for k, v in shapes.items():
-        print(f"  {k}: output {v}")
-    print(f"  modalities present per study: {batch['present'].int().tolist()} of {list(batch['modalities'])}")
-    summary["model"] = {
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "outputs": shapes,
-        "seconds": _since(t),
+    common = {
+        "seed": seed,
+        "device": device,
+        "cache_dir": str(out / "cache"),
+        "data": [{"path": str(manifest)}],
+        "preprocess": preprocess_config(settings).model_dump(),
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(f"\nDone. Summary: {out / 'summary.json'}")
-    print("Pre-training, fine-tuning and the report are not part of this version's demo yet.")
-    return summary
+    names = ", ".join(e["task"] for e in entries)
+    t = _stage(3, total, f"pre-training without labels: {names}")
+    for name, why in left_out.items():
+        print(f"  (pretext task {name!r} is not available and is left out: {why})")
+    pretrain = build_config(
+        PretrainConfig,
+        {
+            **common,
+            "output": str(out / "pretrain"),
+            "model": settings.model,
+            "pretext": entries,
+            "train": {
+                "steps": settings.pretrain_steps,
+                "batch_size": settings.pretrain_batch,
+                "lr": settings.pretrain_lr,
+                "warmup_fraction": 0.05,
+                "log_every": max(1, settings.pretrain_steps // 30),
+                "checkpoint_every": None,
+                "keep_last": 1,
+            },
+        },
+        "demo pre-training",
+    )
+    summary = run_pretrain(pretrain)
+    state["pretrain"] = {"folder": "pretrain", "losses": summary.get("losses", {})}
+    state["timings"]["pre-training"] = _since(t)
+    _save_state(out, state)
+
+    t = _stage(4, total, f"fine-tuning {SEGMENTATION} segmentation + {CLASSIFICATION} class")
+    for fraction in settings.fractions:
+        for pretrained in (True, False):
+            label, folder = run_label(pretrained, fraction), run_folder(pretrained, fraction)
+            print(f"\n-- {label}", flush=True)
+            start = time.perf_counter()
+            config = build_config(
+                FinetuneConfig,
+                {
+                    **common,
+                    "output": str(out / folder),
+                    "model": {**settings.model, "init": str(out / "pretrain") if pretrained else None},
+                    "finetune": {
+                        "label_fraction": fraction,
+                        "label_seed": seed,
+                        "tasks": [SEGMENTATION, CLASSIFICATION],
+                    },
+                    "augment": {
+                        "flip": 0.5,
+                        "flip_axes": [-1],
+                        "intensity_scale": 0.1,
+                        "intensity_shift": 0.1,
+                    },
+                    "train": {
+                        "steps": settings.finetune_steps,
+                        "batch_size": settings.finetune_batch,
+                        "lr": settings.finetune_lr,
+                        "warmup_fraction": 0.1,
+                        "log_every": max(1, settings.finetune_steps // 15),
+                        "eval_every": settings.eval_every,
+                        "checkpoint_every": None,
+                        "keep_last": 1,
+                    },
+                    "eval": {"batch_size": 4},
+                },
+                f"demo fine-tuning ({label})",
+            )
+            results = run_finetune(config)
+            test = results.get("test", {})
+            state["runs"][label] = {"folder": folder, "pretrained": pretrained, "fraction": fraction}
+            state["timings"][f"fine-tuning: {label}"] = _since(start)
+            dice = test.get(f"brain_phantom/{SEGMENTATION}/dice_mean", float("nan"))
+            auc = test.get(f"brain_phantom/{CLASSIFICATION}/auc", float("nan"))
+            print(f"   test: {SEGMENTATION} Dice {dice:.3f}, {CLASSIFICATION} AUC {auc:.3f}", flush=True)
+            _save_state(out, state)
+    state["timings"]["fine-tuning (all runs)"] = _since(t)
+
+    t = _stage(5, total, "test-set evaluation: BraTS regions and example segmentations")
+    state["timings"]["report"] = 0.0
+    state["timings"]["total"] = _since(wall)
+    _save_state(out, state)
+    results = write_demo_report(out, device=str(dev), stage_start=t)
+    print(f"\n== 6/{total} report: {out / 'report.html'}")
+    _print_headline(json.loads((out / "results.json").read_text()))
+    return results
 
 
-def _since(start: float) -> float:
-    return round(time.perf_counter() - start, 2)
+def _save_state(out: Path, state: dict[str, Any]) -> None:
+    (out / "demo.json").write_text(json.dumps(state, indent=1, default=str))
+
+
+def cohort_summary(collection: Any, settings: DemoSize) -> dict[str, Any]:
+    """Subjects, tumours, enhancing tumours and missing modalities per split."""
+    modalities = list(collection.modalities)
+    per_split: dict[str, dict[str, int]] = {}
+    for s in collection.studies:
+        row = per_split.setdefault(s.split, {"subjects": 0, "enhancing": 0, "missing a modality": 0})
+        row["subjects"] += 1
+        row["enhancing"] += int(np.asarray(s.labels.get(CLASSIFICATION, 0)).reshape(-1)[0])
+        row["missing a modality"] += int(len(s.modalities) < len(modalities))
+    counts = {m: sum(m in s.modalities for s in collection.studies) for m in modalities}
+    return {
+        "subjects": len(collection.studies),
+        "splits": per_split,
+        "modalities": counts,
+        "voxel_mm": settings.voxel_mm,
+        "grid": [settings.grid] * 3,
+        "preprocessed": list(settings.size),
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# The report
+
+
+def write_demo_report(
+    run: str | Path, device: str | None = None, stage_start: float | None = None
+) -> dict[str, dict[str, float]]:
+    """Score the demo's fine-tuned models on the test split (per class and BraTS region), draw every
+    figure and write results.json, report.md and report.html into ``run``. Reads only the run folder
+    (``demo.json`` and the runs it names), so a finished demo can be reported again."""
+    from medformer.data.dataset import CollectionDataset
+    from medformer.finetune import FinetuneConfig, load_run_model, model_folder, open_collections
+
+    run = Path(run)
+    state = json.loads((run / "demo.json").read_text())
+    size = state["size"]
+    dev = resolve_device(device or "auto")
+    start = time.perf_counter() if stage_start is None else stage_start
+
+    # test predictions of every fine-tuned model, and the metrics each run wrote
+    results: dict[str, dict[str, float]] = {}
+    maps: dict[str, dict[str, np.ndarray]] = {}
+    histories: dict[str, list[dict[str, Any]]] = {}
+    examples: list = []
+    classes: list[str] = []
+    for label, info in state["runs"].items():
+        folder = run / info["folder"]
+        config = load_config(FinetuneConfig, folder / "config.yaml")
+        collections, cache = open_collections(config)
+        col = collections[0]
+        spec = next(t for t in col.tasks if t.name == SEGMENTATION)
+        classes = list(spec.classes or [str(c) for c in range(spec.num_classes)])
+        model = load_run_model(model_folder(folder), config, collections).to(dev)
+        test = CollectionDataset(col, "test", load=cache)
+        if not examples:
+            examples = segmentation_examples(test, spec.key)
+        key = f"{col.name}/{SEGMENTATION}"
+        maps[label] = predict_labels(model, test, key, device=dev)
+        scores = json.loads((folder / "results.json").read_text())["results"].get("test", {})
+        row = _rename(scores, col.name, classes)
+        truth = {e.id: e.truth for e in examples}
+        for region, labels in REGIONS.items():
+            values = [dice(maps[label][i], truth[i], labels) for i in truth if i in maps[label]]
+            row[f"{SEGMENTATION}/dice_{region}"] = float(np.mean(values)) if values else float("nan")
+        results[label] = row
+        histories[label] = read_metrics(folder)
+
+    headline = _headline(results, state)
+    shown = examples[: size["examples"]]
+    sections = [
+        _configuration(state),
+        _data_section(run, state, classes),
+        _timings(state, _since(start)),
+    ]
+    fractions: dict[str, dict[float, dict[str, float]]] = {}
+    for label, info in state["runs"].items():
+        init = "pre-trained" if info["pretrained"] else "scratch"
+        fractions.setdefault(init, {})[float(info["fraction"])] = results[label]
+    figure = label_efficiency(
+        fractions,
+        {
+            f"{SEGMENTATION}/dice_mean": "tumour Dice (mean of 3 classes)",
+            f"{SEGMENTATION}/dice_WT": "whole-tumour Dice",
+            f"{CLASSIFICATION}/auc": "enhancing tumour: AUC",
+        },
+        "test metrics against the share of training labels",
+    )
+    sections.append(
+        Section(
+            "Label efficiency",
+            text="Each point is one fine-tuning run scored on the test split: the same recipe and number of "
+            "steps, from the pre-trained model (solid) or from random weights (dashed).",
+            images=[
+                Image(
+                    "test metric vs fraction of training labels, pre-trained vs scratch", figure_png(figure)
+                )
+            ],
+        )
+    )
+    notes = {
+        label: {ex.id: f"WT Dice {dice(m[ex.id], ex.truth, REGIONS['WT']):.2f}" for ex in shown if ex.id in m}
+        for label, m in maps.items()
+    }
+    overlay = segmentation_overlays(
+        overlay_rows(shown, maps, notes), classes, "test subjects: truth vs each fine-tuned model"
+    )
+    sections.append(
+        Section(
+            "Segmentation examples",
+            text="Axial slices through the largest tumour cross-section of test subjects, in radiological "
+            "view (A anterior at the top, the subject's right R on the left): the true labels, then the "
+            "prediction of each fine-tuned model with its whole-tumour Dice on that subject.",
+            images=[Image("test subjects: ground truth and predicted tumour classes", figure_png(overlay))],
+        )
+    )
+    pre_run = run / state["pretrain"]["folder"]
+    history = read_metrics(pre_run)
+    figure = objective_curves(history, "pre-training: loss of each pretext task")
+    if figure is not None:
+        images = [Image("pre-training loss per objective", figure_png(figure))]
+        parts = grouped_curves(history, PRETEXT_LOGS, "pre-training: what each task logs")
+        if parts is not None:
+            images.append(Image("the parts of BrainMVP's loss, puzzle accuracy", figure_png(parts)))
+        sections.append(
+            Section(
+                "Pre-training loss curves",
+                text="One panel per objective (the total, and each pretext task's loss) from the "
+                "pre-training run's metrics.jsonl. BrainMVP's contrastive part (MCL) switches on at two "
+                "thirds of the run, which lifts its loss there.",
+                images=images,
+            )
+        )
+    figure = run_curves(
+        histories,
+        "loss",
+        "val/score",
+        "fine-tuning: training loss and validation score (mean of Dice and AUC)",
+    )
+    if figure is not None:
+        sections.append(
+            Section(
+                "Fine-tuning curves",
+                text="The validation score selects each run's model (best step).",
+                images=[Image("fine-tuning loss and validation score of every run", figure_png(figure))],
+            )
+        )
+    visuals = sorted((pre_run / "visuals").glob("*.png")) if (pre_run / "visuals").is_dir() else []
+    if any(e["task"] == "puzzle" for e in state["pretext"]):
+        sections.append(
+            Section(
+                "Puzzle solutions",
+                text="Multimodal jigsaw puzzles of training subjects (each tile cut from a random modality, "
+                "with a gap so that edges do not match), as shuffled, as the pre-trained model places the "
+                "tiles, and the truth. Each tile shows its middle axial slice in radiological view.",
+                images=_puzzle_images(pre_run, state["seed"]),
+            )
+        )
+    recon = [p for p in visuals if p.stem.split("_")[0] in ("mae", "brainmvp")]
+    if recon:
+        sections.append(
+            Section(
+                "Reconstructions",
+                text="What the reconstruction tasks see and give back after pre-training (axial middle "
+                "slices, radiological view).",
+                images=[Image(pretext_caption(p.stem), p.read_bytes()) for p in recon],
+            )
+        )
+    templates = _templates_image(pre_run)
+    if templates is not None:
+        sections.append(
+            Section(
+                "Learned templates",
+                text="BrainMVP's modality templates after pre-training: one learnable volume per contrast, "
+                "filled into masked blocks (axial, coronal and sagittal mid-slices).",
+                images=[templates],
+            )
+        )
+    state["timings"]["report"] = _since(start)
+    summary = {
+        "what": "simulated brain MRI: pre-training without labels, then fine-tuning with 10% and 100% "
+        "of the labels, against training from scratch",
+        **headline["lines"],
+        "wall time": f"{state['timings'].get('total', 0) + state['timings']['report']:.0f} s",
+        "size": size["name"],
+    }
+    write_report(
+        run,
+        results,
+        "medformer demo: pre-training vs scratch on simulated brain MRI",
+        summary,
+        sections,
+        extra={"headline": headline["values"], "timings": state["timings"]},
+        results_note="Test split. tumour: Dice per class (empty in both truth and prediction counts 1), "
+        "their mean, and BraTS regions (WT whole tumour, TC tumour core, ET enhancing); enhancing: the "
+        "subject-level class, AUC and accuracy.",
+        results_position=3,
+        results_order=[
+            f"{SEGMENTATION}/{m}"
+            for m in ("dice_mean", *(f"dice_{r}" for r in REGIONS), *(f"dice_{c}" for c in classes[1:]))
+        ]
+        + [f"{CLASSIFICATION}/auc", f"{CLASSIFICATION}/acc"],
+    )
+    _save_state(run, state)
+    return results
+
+
+def _puzzle_images(pre_run: Path, seed: int, count: int = 2) -> list[Image]:
+    """Puzzles of the first training subjects solved by the pre-trained model (with its puzzle head,
+    from the run's checkpoint); falls back to the figure the task drew when that cannot be done."""
+    from medformer.data.dataset import collate
+    from medformer.pretext.puzzle import place
+    from medformer.pretrain import load_pretrainer
+
+    try:
+        pretrainer, datasets, _ = load_pretrainer(pre_run)
+        task = pretrainer.tasks["puzzle"]
+        images = []
+        for name, ds in datasets.items():
+            batch = collate([ds[i] for i in range(min(count, len(ds)))])
+            torch.manual_seed(seed)  # the same puzzles every time the report is written
+            with torch.no_grad():
+                views = task.views(batch)
+                puzzles = views["puzzles"]
+                if puzzles is None or puzzles.ndim != 3:
+                    continue
+                solved = place(puzzles.tiles, task.solve(pretrainer.model, puzzles, views.get("collection")))
+            for b in range(puzzles.tiles.shape[0]):
+                used = sorted({puzzles.modalities[int(m)] for m in puzzles.modality[b]})
+                fig = puzzle_figure(
+                    puzzles.tiles[b].numpy(),
+                    solved[b].numpy(),
+                    puzzles.ordered()[b].numpy(),
+                    puzzles.grid,
+                    f"{batch['ids'][b]}: {puzzles.grid}^3 puzzle, tiles from {', '.join(used)}",
+                )
+                images.append(Image(f"{name}, {batch['ids'][b]}: shuffled, solved, truth", figure_png(fig)))
+        return images
+    except Exception as e:  # the task's own figure is the fallback
+        log.warning("could not draw the puzzles again (%s); using the pre-training figure", e)
+        visuals = sorted((pre_run / "visuals").glob("puzzle_*.png"))
+        return [Image(pretext_caption(p.stem), p.read_bytes()) for p in visuals]
+
+
+def _rename(scores: dict[str, float], collection: str, classes: list[str]) -> dict[str, float]:
+    """``brain_phantom/tumour/dice_1`` -> ``tumour/dice_necrosis``; classification metrics as they are."""
+    row = {}
+    for key, value in scores.items():
+        task, _, metric = key.removeprefix(f"{collection}/").rpartition("/")
+        if task not in (SEGMENTATION, CLASSIFICATION):
+            continue
+        if metric.startswith("dice_") and metric[5:].isdigit():
+            metric = f"dice_{classes[int(metric[5:])]}"
+        row[f"{task}/{metric}"] = value
+    return row
+
+
+def _headline(results: dict[str, dict[str, float]], state: dict[str, Any]) -> dict[str, Any]:
+    """Pre-trained vs scratch at each label fraction: tumour Dice (mean) and enhancing AUC."""
+    lines, values = {}, {}
+    fractions = sorted({float(i["fraction"]) for i in state["runs"].values()})
+    for f in fractions:
+        pre, scratch = results.get(run_label(True, f), {}), results.get(run_label(False, f), {})
+        d_pre, d_scr = pre.get(f"{SEGMENTATION}/dice_mean"), scratch.get(f"{SEGMENTATION}/dice_mean")
+        if d_pre is None or d_scr is None:
+            continue
+        values[f"{100 * f:g}%"] = {
+            "dice_pretrained": d_pre,
+            "dice_scratch": d_scr,
+            "pretraining_helps": bool(d_pre > d_scr),
+        }
+        lines[f"tumour Dice, {100 * f:g}% labels"] = (
+            f"pre-trained {d_pre:.4f} vs scratch {d_scr:.4f} ({d_pre - d_scr:+.4f})"
+        )
+    return {"lines": lines, "values": values}
+
+
+def _print_headline(payload: dict[str, Any]) -> None:
+    for key, value in payload["summary"].items():
+        if key.startswith("tumour Dice"):
+            print(f"{key}: {value}")
+
+
+def _configuration(state: dict[str, Any]) -> Section:
+
+    size = state["size"]
+    hidden = ("template_shape", "total_steps")
+    tasks = "; ".join(
+        ", ".join(f"{k}={v}" for k, v in e.items() if k not in hidden) for e in state["pretext"]
+    )
+    fine_tuning = (
+        f"{SEGMENTATION} segmentation + {CLASSIFICATION} class together, {size['finetune_steps']} steps, "
+        f"batch {size['finetune_batch']}, lr {size['finetune_lr']:g}, left-right flips and intensity "
+        f"jitter, model selected on the validation split every {size['eval_every']} steps"
+    )
+    items = {
+        "size": size["name"],
+        "seed": state["seed"],
+        "device": f"{state['device']} ({state['threads']} threads)",
+        "cohort": f"{size['subjects']} simulated subjects, {size['voxel_mm']:g} mm voxels, "
+        f"{size['grid']}^3 grid",
+        "preprocessing": "crop to the brain, percentile intensity scaling, pad/crop to "
+        f"{tuple(size['size'])}",
+        "model": f"Medformer {size['model']}, 3D patches of 8 voxels",
+        "pretext tasks": tasks,
+        "pre-training": f"{size['pretrain_steps']} steps, batch {size['pretrain_batch']}, "
+        f"lr {size['pretrain_lr']:g}, training split without labels",
+        "fine-tuning": fine_tuning,
+        "label fractions": ", ".join(f"{100 * f:g}%" for f in size["fractions"]) + " (stratified by class)",
+    }
+    if state.get("pretext_left_out"):
+        items["left out"] = "; ".join(f"{k} ({v})" for k, v in state["pretext_left_out"].items())
+    return Section("Configuration", items=items)
+
+
+def _data_section(run: Path, state: dict[str, Any], classes: list[str]) -> Section:
+    from medformer.data.dataset import CollectionDataset
+
+    cohort = state["cohort"]
+    order = [s for s in ("train", "val", "test") if s in cohort["splits"]]
+    keys = ["subjects", "enhancing", "missing a modality"]
+    header = ["split", "subjects", "enhancing tumour", "missing a modality"]
+    rows = [[s, *(str(cohort["splits"][s][k]) for k in keys)] for s in order]
+    text = (
+        f"{cohort['subjects']} simulated subjects on real ICBM152 anatomy at {cohort['voxel_mm']:g} mm "
+        f"({'x'.join(map(str, cohort['grid']))} grid), four contrasts with tumours labelled necrosis / "
+        f"oedema / enhancing; preprocessed to {'x'.join(map(str, cohort['preprocessed']))} (z, y, x). "
+        "Modalities present: "
+        + ", ".join(f"{m} {n}/{cohort['subjects']}" for m, n in cohort["modalities"].items())
+        + ". Images are simulated, not scans."
+    )
+    images = []
+    try:
+        collection = open_collection(Path(state["manifest"]))
+        cache = PreprocessCache(run / "cache", Preprocessor(preprocess_config(DemoSize(**_size_args(state)))))
+        collection, _ = cache.prepare(collection, skip_bad=True, progress=False)
+        ds = CollectionDataset(collection, "train", load=cache)
+        index = next(
+            (i for i, s in enumerate(ds.studies) if len(s.modalities) < len(collection.modalities)), 0
+        )
+        item = ds[index]
+        vols = {
+            m: (item["images"][j].numpy() if item["present"][j] else None)
+            for j, m in enumerate(item["modalities"])
+        }
+        label = item["labels"][next(t.key for t in collection.tasks if t.name == SEGMENTATION)].numpy()
+        fig = study_figure(vols, label, classes, f"{item['id']} (training subject, as the model sees it)")
+        images.append(
+            Image(
+                "one training subject: every contrast (missing ones marked) and its labels", figure_png(fig)
+            )
+        )
+    except Exception as e:  # the picture is a courtesy; the table carries the facts
+        text += f" (example picture not drawn: {e})"
+    return Section("Data", text=text, table=(header, rows), images=images)
+
+
+def _size_args(state: dict[str, Any]) -> dict[str, Any]:
+    size = dict(state["size"])
+    size["size"] = tuple(size["size"])
+    size["fractions"] = tuple(size["fractions"])
+    size["tumour_radius_mm"] = tuple(size["tumour_radius_mm"])
+    return size
+
+
+def _timings(state: dict[str, Any], report_seconds: float) -> Section:
+
+    timings = {**state["timings"], "report": report_seconds}
+    rows = [[k, f"{v:.1f}"] for k, v in timings.items() if k != "total"]
+    total = timings.get("total", 0.0) + report_seconds
+    rows.append(["total (wall)", f"{total:.1f}"])
+    return Section("Timings", text="Seconds per stage.", table=(["stage", "seconds"], rows))
+
+
+def _templates_image(pre_run: Path) -> Image | None:
+    """Mid-slices of the pre-trained model's modality templates (BrainMVP), or None without any."""
+    from medformer.models import Medformer
+    from medformer.models.templates import plot_templates
+
+    folder = pre_run / "model"
+    if not (folder / "config.json").exists():
+        return None
+    model = Medformer.from_pretrained(folder)
+    if model.templates is None:
+        return None
+    path = plot_templates(model.templates.arrays(), pre_run / "templates.png")
+    return Image("learned modality templates: axial, coronal and sagittal mid-slices", path.read_bytes())

@@ -36,7 +36,7 @@ from medformer.data.subsets import label_subset
 from medformer.data.transforms import Preprocessor
 from medformer.errors import ConfigError
 from medformer.evaluate.predict import evaluate
-from medformer.evaluate.report import write_report
+from medformer.evaluate.report import run_sections, segmentation_section, templates_section, write_report
 from medformer.losses import SupervisedObjective, task_spec
 from medformer.models.templates import templates_for_finetuning
 from medformer.runtime import resolve_device, seed_everything
@@ -297,7 +297,15 @@ def evaluate_run(
     skipped = [s for c in collections for s in c.metadata.get("skipped", [])]
     if skipped:
         summary["skipped studies"] = "; ".join(f"{s.where}: {s.problem}" for s in skipped)
-    write_report(output or run, results, f"medformer fine-tuning: {run.name}", summary)
+    sections = run_sections(run)
+    tests = [CollectionDataset(c, "test", load=cache) for c in collections if c.split("test")]
+    for section in (
+        segmentation_section(model, tests, device),
+        templates_section(model, Path(output or run)),
+    ):
+        if section is not None:
+            sections.append(section)
+    write_report(output or run, results, f"medformer fine-tuning: {run.name}", summary, sections)
     return results
 
 

@@ -153,3 +153,26 @@ def write_figures(
             except Exception as e:  # a figure must not cost a finished run its summary
                 log.warning("could not draw %s on %s: %s", task_name, name, e)
     pretrainer.train()
+
+
+def load_pretrainer(run: str | Path) -> tuple[Pretrainer, dict[str, CollectionDataset], PretrainConfig]:
+    """A finished pre-training run's `Pretrainer` (the Medformer with its task heads) from its newest
+    checkpoint, with its unlabeled datasets and config: to draw what the tasks do after the run."""
+    from medformer.config import load_config
+    from medformer.train import checkpoint as ckpt
+
+    run = Path(run)
+    config = load_config(PretrainConfig, run / "config.yaml")
+    latest = ckpt.find_latest(run / "checkpoints")
+    if latest is None:
+        raise ConfigError(f"{run}: no checkpoint to load the pretext heads from")
+    collections, cache = open_collections(config)
+    datasets = {}
+    for col in collections:
+        col, studies = unlabeled(col, config.pretrain.splits)
+        datasets[col.name] = CollectionDataset(col, load=cache, studies=studies)
+    model = build_model(config.model, [ds.collection for ds in datasets.values()])
+    tasks, _ = build_tasks(config.pretext)
+    pretrainer = Pretrainer(model, tasks)
+    ckpt.load_weights(pretrainer, latest)
+    return pretrainer.eval(), datasets, config

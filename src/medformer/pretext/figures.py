@@ -14,10 +14,12 @@ from torch import Tensor
 
 
 def middle_slice(image: Tensor) -> np.ndarray:
-    """A 2D picture of one image ``(*spatial)``: itself in 2D, the middle slice of the first axis in 3D."""
+    """A 2D picture of one image ``(*spatial)``: itself in 2D; in 3D the middle slice of the first axis
+    (axial for ``(z, y, x)`` RAS volumes) in radiological view: anterior at the top, the subject's right
+    on the viewer's left."""
     x = image.detach().float().cpu()
     if x.dim() == 3:
-        x = x[x.shape[0] // 2]
+        x = x[x.shape[0] // 2].flip(0, 1)
     return x.numpy()
 
 
