@@ -65,8 +65,13 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys, one_thread) -> None:
         t for t in ("puzzle", "brainmvp", "mae") if available_task(t) is None
     ]
     assert (tmp_path / "pretrain" / "model" / "model.safetensors").exists()
-    for info in state["runs"].values():
-        assert (tmp_path / info["folder"] / "results.json").exists()
+    assert list(state["runs"]) == RUNS
+    for info in state["runs"].values():  # one segmentation and one classification run each
+        assert set(info["folders"]) == {"tumour", "enhancing"}
+        for folder in info["folders"].values():
+            assert (tmp_path / folder / "results.json").exists() and (
+                tmp_path / folder / "report.html"
+            ).exists()
 
     payload = json.loads((tmp_path / "results.json").read_text())
     results = payload["results"]
@@ -76,8 +81,11 @@ def test_demo_quick_end_to_end(tmp_path: Path, capsys, one_thread) -> None:
             assert key in row
         assert 0.0 <= row["tumour/dice_mean"] <= 1.0
     # the per-class Dice comes from each fine-tuning run's own results.json
-    own = json.loads((tmp_path / "finetune" / "scratch_10" / "results.json").read_text())["results"]["test"]
-    assert results["scratch, 10% labels"]["tumour/dice_mean"] == own["brain_phantom/tumour/dice_mean"]
+    own = json.loads((tmp_path / "finetune" / "tumour_scratch_10" / "results.json").read_text())
+    assert (
+        results["scratch, 10% labels"]["tumour/dice_mean"]
+        == own["results"]["test"]["brain_phantom/tumour/dice_mean"]
+    )
 
     md = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()

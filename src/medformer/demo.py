@@ -4,8 +4,9 @@
     -> inspect -> preprocess once into the cache
     -> pre-train one Medformer without labels: multimodal jigsaw puzzles (when the task is available),
        BrainMVP (cross-modal reconstruction, modality templates, modality-aware contrast) and MAE
-    -> fine-tune tumour segmentation and the enhancing / non-enhancing class together, with 10% and
-       100% of the training labels, from the pre-trained model and from scratch (same recipe and steps)
+    -> fine-tune tumour segmentation and the enhancing / non-enhancing class, each with 10% and 100%
+       of the training labels, from the pre-trained model and from scratch (per task: same recipe and
+       steps, the model after the last step scored)
     -> score every run on the test split -> report.html, report.md and results.json in the run folder
 
 Sizes (`SIZES`): ``quick`` checks the pipeline in about a minute, ``default`` is the demonstration
@@ -48,18 +49,20 @@ from medformer.runtime import prepare_output, resolve_device, seed_everything
 
 log = logging.getLogger("medformer.demo")
 SEGMENTATION, CLASSIFICATION = "tumour", "enhancing"  # the cohort's tasks that are fine-tuned
-PRETEXT_LOGS = {  # panels of the pre-training task logs: metrics.jsonl key -> line label
-    "BrainMVP parts": {"brainmvp/md": "MD (template view)", "brainmvp/cmr": "CMR (cross-modal view)",
-                       "brainmvp/mcl": "MCL (contrastive)"},
-    "puzzle accuracy": {"puzzle/tiles_correct": "tiles placed right", "puzzle/solved": "puzzles solved"},
-    "MAE": {"loss/mae": "reconstruction loss"},
+PRETEXT_LOGS = {  # panels of the pre-training task logs: title -> (y label, {metrics key: line label})
+    "BrainMVP: the parts of its loss": ("unweighted loss", {
+        "brainmvp/md": "MD (template-filled view)", "brainmvp/cmr": "CMR (cross-modal view)",
+        "brainmvp/mcl": "MCL (contrastive)"}),
+    "jigsaw puzzles": ("fraction of the batch", {
+        "puzzle/tiles_correct": "tiles placed right", "puzzle/solved": "puzzles solved"}),
 }  # fmt: skip
 REGIONS = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}  # BraTS regions: whole tumour, core, enhancing
 
 
 @dataclass(frozen=True)
 class DemoSize:
-    """How big a demo run is: cohort, grid, model and step counts (each fine-tuning run the same)."""
+    """How big a demo run is: cohort, grid, model and step counts. Every fine-tuning run of one task
+    gets the same recipe and number of steps, from the pre-trained model or from scratch."""
 
     name: str
     subjects: int
@@ -68,46 +71,54 @@ class DemoSize:
     size: tuple[int, int, int]  # preprocessed arrays (z, y, x): the brain's box, padded to patches
     tumour_radius_mm: tuple[float, float] = (20.0, 35.0)  # whole tumours of ~25-270 ml, median ~100 ml
     model: dict[str, int] = field(default_factory=dict)  # Medformer width / depth / heads
-    pretrain_steps: int = 300
+    pretrain_steps: int = 400
     pretrain_batch: int = 4
     pretrain_lr: float = 1e-3
-    finetune_steps: int = 150
+    segmentation_steps: int = 250
+    classification_steps: int = 300  # a classification step costs about a third of a segmentation step
     finetune_batch: int = 2
-    finetune_lr: float = 1e-3
-    eval_every: int = 25
+    segmentation_lr: float = 5e-4
+    classification_lr: float = 1e-3
     puzzle_grid: int = 3  # 3^3 tiles per 3D puzzle
     fractions: tuple[float, ...] = (0.1, 1.0)
     examples: int = 3  # test subjects drawn with their segmentations
+
+    def steps(self, task: str) -> int:
+        return self.segmentation_steps if task == SEGMENTATION else self.classification_steps
+
+    def lr(self, task: str) -> float:
+        return self.segmentation_lr if task == SEGMENTATION else self.classification_lr
 
 
 SIZES: dict[str, DemoSize] = {
     "quick": DemoSize(
         "quick", subjects=12, voxel_mm=5.0, grid=40, size=(32, 40, 32),
         model={"dim": 48, "depth": 2, "heads": 2},
-        pretrain_steps=6, pretrain_batch=2, finetune_steps=6, finetune_batch=2, eval_every=3,
+        pretrain_steps=6, pretrain_batch=2, segmentation_steps=6, classification_steps=4,
         puzzle_grid=2, examples=2,
     ),
     "default": DemoSize(
         "default", subjects=80, voxel_mm=5.0, grid=40, size=(32, 40, 32),
         model={"dim": 96, "depth": 4, "heads": 3},
-        pretrain_steps=400, pretrain_batch=4, finetune_steps=250, finetune_batch=2, eval_every=50,
     ),
     "full": DemoSize(
         "full", subjects=200, voxel_mm=3.0, grid=64, size=(56, 64, 48),
         model={"dim": 192, "depth": 8, "heads": 3},
-        pretrain_steps=4000, pretrain_batch=8, pretrain_lr=5e-4, finetune_steps=1000, finetune_batch=4,
-        finetune_lr=5e-4, eval_every=100, puzzle_grid=3, fractions=(0.1, 0.3, 1.0), examples=4,
+        pretrain_steps=4000, pretrain_batch=8, pretrain_lr=5e-4, segmentation_steps=1500,
+        classification_steps=1000, finetune_batch=4, segmentation_lr=3e-4, classification_lr=5e-4,
+        fractions=(0.1, 0.3, 1.0), examples=4,
     ),
 }  # fmt: skip
+TASKS = (SEGMENTATION, CLASSIFICATION)
 
 
 def run_label(pretrained: bool, fraction: float) -> str:
-    """The name of a fine-tuning run in the report, e.g. "pre-trained, 10% labels"."""
+    """The name of a pair of fine-tuning runs in the report, e.g. "pre-trained, 10% labels"."""
     return f"{'pre-trained' if pretrained else 'scratch'}, {100 * fraction:g}% labels"
 
 
-def run_folder(pretrained: bool, fraction: float) -> str:
-    return f"finetune/{'pretrained' if pretrained else 'scratch'}_{100 * fraction:g}"
+def run_folder(pretrained: bool, fraction: float, task: str) -> str:
+    return f"finetune/{task}_{'pretrained' if pretrained else 'scratch'}_{100 * fraction:g}"
 
 
 def preprocess_config(size: DemoSize) -> PreprocessConfig:
@@ -191,10 +202,12 @@ def run_demo(
         "runs": {},
     }
     total = 6
+    runs = 2 * len(settings.fractions)
     print(
         f"medformer demo ({settings.name}): {settings.subjects} simulated subjects, Medformer "
-        f"{settings.model}, {settings.pretrain_steps} pre-training and {len(settings.fractions) * 2} x "
-        f"{settings.finetune_steps} fine-tuning steps on {dev} ({torch.get_num_threads()} threads)",
+        f"{settings.model}; {settings.pretrain_steps} pre-training steps, then {runs} x "
+        f"{settings.segmentation_steps} segmentation and {runs} x {settings.classification_steps} "
+        f"classification steps on {dev} ({torch.get_num_threads()} threads)",
         flush=True,
     )
 
@@ -257,51 +270,25 @@ def run_demo(
     state["timings"]["pre-training"] = _since(t)
     _save_state(out, state)
 
-    t = _stage(4, total, f"fine-tuning {SEGMENTATION} segmentation + {CLASSIFICATION} class")
+    t = _stage(4, total, f"fine-tuning {SEGMENTATION} segmentation and the {CLASSIFICATION} class")
     for fraction in settings.fractions:
         for pretrained in (True, False):
-            label, folder = run_label(pretrained, fraction), run_folder(pretrained, fraction)
-            print(f"\n-- {label}", flush=True)
-            start = time.perf_counter()
-            config = build_config(
-                FinetuneConfig,
-                {
-                    **common,
-                    "output": str(out / folder),
-                    "model": {**settings.model, "init": str(out / "pretrain") if pretrained else None},
-                    "finetune": {
-                        "label_fraction": fraction,
-                        "label_seed": seed,
-                        "tasks": [SEGMENTATION, CLASSIFICATION],
-                    },
-                    "augment": {
-                        "flip": 0.5,
-                        "flip_axes": [-1],
-                        "intensity_scale": 0.1,
-                        "intensity_shift": 0.1,
-                    },
-                    "train": {
-                        "steps": settings.finetune_steps,
-                        "batch_size": settings.finetune_batch,
-                        "lr": settings.finetune_lr,
-                        "warmup_fraction": 0.1,
-                        "log_every": max(1, settings.finetune_steps // 15),
-                        "eval_every": settings.eval_every,
-                        "checkpoint_every": None,
-                        "keep_last": 1,
-                    },
-                    "eval": {"batch_size": 4},
-                },
-                f"demo fine-tuning ({label})",
-            )
-            results = run_finetune(config)
-            test = results.get("test", {})
-            state["runs"][label] = {"folder": folder, "pretrained": pretrained, "fraction": fraction}
-            state["timings"][f"fine-tuning: {label}"] = _since(start)
-            dice = test.get(f"brain_phantom/{SEGMENTATION}/dice_mean", float("nan"))
-            auc = test.get(f"brain_phantom/{CLASSIFICATION}/auc", float("nan"))
-            print(f"   test: {SEGMENTATION} Dice {dice:.3f}, {CLASSIFICATION} AUC {auc:.3f}", flush=True)
-            _save_state(out, state)
+            label = run_label(pretrained, fraction)
+            state["runs"][label] = {"pretrained": pretrained, "fraction": fraction, "folders": {}}
+            for task in TASKS:
+                folder = run_folder(pretrained, fraction, task)
+                print(f"\n-- {task}: {label}", flush=True)
+                start = time.perf_counter()
+                tree = finetune_tree(settings, common, out, folder, task, pretrained, fraction, seed)
+                config = build_config(FinetuneConfig, tree, folder)
+                test = run_finetune(config).get("test", {})
+                state["runs"][label]["folders"][task] = folder
+                state["timings"][f"fine-tuning {task}: {label}"] = _since(start)
+                shown = {
+                    k.rsplit("/", 1)[1]: v for k, v in test.items() if k.endswith(("/dice_mean", "/auc"))
+                }
+                print("   test: " + ", ".join(f"{k} {v:.3f}" for k, v in shown.items()), flush=True)
+                _save_state(out, state)
     state["timings"]["fine-tuning (all runs)"] = _since(t)
 
     t = _stage(5, total, "test-set evaluation: BraTS regions and example segmentations")
@@ -312,6 +299,42 @@ def run_demo(
     print(f"\n== 6/{total} report: {out / 'report.html'}")
     _print_headline(json.loads((out / "results.json").read_text()))
     return results
+
+
+def finetune_tree(
+    settings: DemoSize,
+    common: dict[str, Any],
+    out: Path,
+    folder: str,
+    task: str,
+    pretrained: bool,
+    fraction: float,
+    seed: int,
+) -> dict[str, Any]:
+    """One fine-tuning run's config: the same recipe from the pre-trained model and from scratch.
+
+    The model after the last step is scored (validation runs once, at the end): a fixed budget, no
+    early-stopping choice on 12 validation subjects to add noise to the comparison.
+    """
+    steps = settings.steps(task)
+    return {
+        **common,
+        "output": str(out / folder),
+        "model": {**settings.model, "init": str(out / "pretrain") if pretrained else None},
+        "finetune": {"label_fraction": fraction, "label_seed": seed, "tasks": [task]},
+        "augment": {"flip": 0.5, "flip_axes": [-1], "intensity_scale": 0.1, "intensity_shift": 0.1},
+        "train": {
+            "steps": steps,
+            "batch_size": settings.finetune_batch,
+            "lr": settings.lr(task),
+            "warmup_fraction": 0.1,
+            "log_every": max(1, steps // 25),
+            "eval_every": steps,
+            "checkpoint_every": None,
+            "keep_last": 1,
+        },
+        "eval": {"batch_size": 4},
+    }
 
 
 def _save_state(out: Path, state: dict[str, Any]) -> None:
@@ -357,33 +380,34 @@ def write_demo_report(
     dev = resolve_device(device or "auto")
     start = time.perf_counter() if stage_start is None else stage_start
 
-    # test predictions of every fine-tuned model, and the metrics each run wrote
+    # the metrics each run wrote, and the test label maps of every segmentation model
     results: dict[str, dict[str, float]] = {}
     maps: dict[str, dict[str, np.ndarray]] = {}
-    histories: dict[str, list[dict[str, Any]]] = {}
+    histories: dict[str, dict[str, list[dict[str, Any]]]] = {task: {} for task in TASKS}
     examples: list = []
     classes: list[str] = []
     for label, info in state["runs"].items():
-        folder = run / info["folder"]
-        config = load_config(FinetuneConfig, folder / "config.yaml")
-        collections, cache = open_collections(config)
-        col = collections[0]
-        spec = next(t for t in col.tasks if t.name == SEGMENTATION)
-        classes = list(spec.classes or [str(c) for c in range(spec.num_classes)])
-        model = load_run_model(model_folder(folder), config, collections).to(dev)
-        test = CollectionDataset(col, "test", load=cache)
-        if not examples:
-            examples = segmentation_examples(test, spec.key)
-        key = f"{col.name}/{SEGMENTATION}"
-        maps[label] = predict_labels(model, test, key, device=dev)
-        scores = json.loads((folder / "results.json").read_text())["results"].get("test", {})
-        row = _rename(scores, col.name, classes)
-        truth = {e.id: e.truth for e in examples}
-        for region, labels in REGIONS.items():
-            values = [dice(maps[label][i], truth[i], labels) for i in truth if i in maps[label]]
-            row[f"{SEGMENTATION}/dice_{region}"] = float(np.mean(values)) if values else float("nan")
+        row: dict[str, float] = {}
+        for task, folder in ((t, run / f) for t, f in info["folders"].items()):
+            config = load_config(FinetuneConfig, folder / "config.yaml")
+            collections, cache = open_collections(config)
+            col = collections[0]
+            spec = next(t for t in col.tasks if t.name == SEGMENTATION)
+            classes = list(spec.classes or [str(c) for c in range(spec.num_classes)])
+            scores = json.loads((folder / "results.json").read_text())["results"].get("test", {})
+            row.update(_rename(scores, col.name, classes))
+            histories[task][label] = read_metrics(folder)
+            if task != SEGMENTATION:
+                continue
+            model = load_run_model(model_folder(folder), config, collections).to(dev)
+            test = CollectionDataset(col, "test", load=cache)
+            examples = examples or segmentation_examples(test, spec.key)
+            maps[label] = predict_labels(model, test, f"{col.name}/{SEGMENTATION}", device=dev)
+            truth = {e.id: e.truth for e in examples}
+            for region, labels in REGIONS.items():
+                values = [dice(maps[label][i], truth[i], labels) for i in truth if i in maps[label]]
+                row[f"{SEGMENTATION}/dice_{region}"] = float(np.mean(values)) if values else float("nan")
         results[label] = row
-        histories[label] = read_metrics(folder)
 
     headline = _headline(results, state)
     shown = examples[: size["examples"]]
@@ -440,7 +464,7 @@ def write_demo_report(
         images = [Image("pre-training loss per objective", figure_png(figure))]
         parts = grouped_curves(history, PRETEXT_LOGS, "pre-training: what each task logs")
         if parts is not None:
-            images.append(Image("the parts of BrainMVP's loss, puzzle accuracy", figure_png(parts)))
+            images.append(Image("the parts of BrainMVP's loss; puzzle accuracy", figure_png(parts)))
         sections.append(
             Section(
                 "Pre-training loss curves",
@@ -451,17 +475,14 @@ def write_demo_report(
             )
         )
     figure = run_curves(
-        histories,
-        "loss",
-        "val/score",
-        "fine-tuning: training loss and validation score (mean of Dice and AUC)",
+        {f"{task} runs": histories[task] for task in TASKS}, "fine-tuning: training loss of every run"
     )
     if figure is not None:
         sections.append(
             Section(
                 "Fine-tuning curves",
-                text="The validation score selects each run's model (best step).",
-                images=[Image("fine-tuning loss and validation score of every run", figure_png(figure))],
+                text="Each run trains for a fixed number of steps; the model after the last step is scored.",
+                images=[Image("fine-tuning loss of every run, per task", figure_png(figure))],
             )
         )
     visuals = sorted((pre_run / "visuals").glob("*.png")) if (pre_run / "visuals").is_dir() else []
@@ -574,29 +595,37 @@ def _rename(scores: dict[str, float], collection: str, classes: list[str]) -> di
     return row
 
 
+HEADLINE = {  # summary lines: result key -> name
+    f"{SEGMENTATION}/dice_mean": "tumour Dice",
+    f"{SEGMENTATION}/dice_WT": "whole-tumour Dice",
+    f"{CLASSIFICATION}/auc": "enhancing AUC",
+}
+
+
 def _headline(results: dict[str, dict[str, float]], state: dict[str, Any]) -> dict[str, Any]:
-    """Pre-trained vs scratch at each label fraction: tumour Dice (mean) and enhancing AUC."""
+    """Pre-trained vs scratch at each label fraction: tumour Dice (mean of classes, the headline),
+    whole-tumour Dice and the class's AUC, as summary lines and as values for results.json."""
     lines, values = {}, {}
     fractions = sorted({float(i["fraction"]) for i in state["runs"].values()})
-    for f in fractions:
-        pre, scratch = results.get(run_label(True, f), {}), results.get(run_label(False, f), {})
-        d_pre, d_scr = pre.get(f"{SEGMENTATION}/dice_mean"), scratch.get(f"{SEGMENTATION}/dice_mean")
-        if d_pre is None or d_scr is None:
-            continue
-        values[f"{100 * f:g}%"] = {
-            "dice_pretrained": d_pre,
-            "dice_scratch": d_scr,
-            "pretraining_helps": bool(d_pre > d_scr),
-        }
-        lines[f"tumour Dice, {100 * f:g}% labels"] = (
-            f"pre-trained {d_pre:.4f} vs scratch {d_scr:.4f} ({d_pre - d_scr:+.4f})"
-        )
+    for key, name in HEADLINE.items():
+        for f in fractions:
+            pre = results.get(run_label(True, f), {}).get(key, float("nan"))
+            scratch = results.get(run_label(False, f), {}).get(key, float("nan"))
+            lines[f"{name}, {100 * f:g}% labels"] = (
+                f"pre-trained {pre:.4f} vs scratch {scratch:.4f} ({pre - scratch:+.4f})"
+            )
+            if key == f"{SEGMENTATION}/dice_mean":
+                values[f"{100 * f:g}%"] = {
+                    "dice_pretrained": pre,
+                    "dice_scratch": scratch,
+                    "pretraining_helps": bool(pre > scratch),
+                }
     return {"lines": lines, "values": values}
 
 
 def _print_headline(payload: dict[str, Any]) -> None:
     for key, value in payload["summary"].items():
-        if key.startswith("tumour Dice"):
+        if key.startswith(tuple(HEADLINE.values())):
             print(f"{key}: {value}")
 
 
@@ -608,9 +637,11 @@ def _configuration(state: dict[str, Any]) -> Section:
         ", ".join(f"{k}={v}" for k, v in e.items() if k not in hidden) for e in state["pretext"]
     )
     fine_tuning = (
-        f"{SEGMENTATION} segmentation + {CLASSIFICATION} class together, {size['finetune_steps']} steps, "
-        f"batch {size['finetune_batch']}, lr {size['finetune_lr']:g}, left-right flips and intensity "
-        f"jitter, model selected on the validation split every {size['eval_every']} steps"
+        f"{SEGMENTATION} segmentation ({size['segmentation_steps']} steps, lr {size['segmentation_lr']:g}) "
+        f"and the {CLASSIFICATION} class ({size['classification_steps']} steps, lr "
+        f"{size['classification_lr']:g}) as separate runs, batch {size['finetune_batch']}, warm-up and "
+        "cosine decay, left-right flips and intensity jitter; the same recipe from the pre-trained model "
+        "and from scratch; the model after the last step is scored"
     )
     items = {
         "size": size["name"],

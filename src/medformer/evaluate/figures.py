@@ -90,25 +90,28 @@ def objective_curves(history: Sequence[Mapping[str, Any]], title: str) -> Figure
 
 
 def grouped_curves(
-    history: Sequence[Mapping[str, Any]], panels: Mapping[str, Mapping[str, str]], title: str
+    history: Sequence[Mapping[str, Any]],
+    panels: Mapping[str, tuple[str, Mapping[str, str]]],
+    title: str,
 ) -> Figure | None:
-    """Logged training values in panels: ``{panel title: {metrics.jsonl key: line label}}``; panels
-    (and lines) without data are left out, None when nothing is left."""
+    """Logged training values in panels: ``{panel title: (y label, {metrics.jsonl key: line label})}``;
+    panels (and lines) without data are left out, None when nothing is left."""
     found = {
-        name: {k: label for k, label in keys.items() if _steps(history, k)[0]}
-        for name, keys in panels.items()
+        name: (ylabel, {k: label for k, label in keys.items() if _steps(history, k)[0]})
+        for name, (ylabel, keys) in panels.items()
     }
-    found = {name: keys for name, keys in found.items() if keys}
+    found = {name: entry for name, entry in found.items() if entry[1]}
     if not found:
         return None
-    fig = _figure(3.6 * len(found), 3.0)
+    fig = _figure(3.8 * len(found), 3.0)
     axes = np.atleast_1d(fig.subplots(1, len(found), squeeze=False)).ravel()
-    for ax, (name, keys) in zip(axes, found.items()):
+    for ax, (name, (ylabel, keys)) in zip(axes, found.items()):
         for i, (key, label) in enumerate(keys.items()):
             xs, ys = _steps(history, key)
             ax.plot(xs, ys, lw=1.3, label=label, color=("#0072B2", "#D55E00", "#009E73", "#CC79A7")[i % 4])
         ax.set_title(name, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="best")
@@ -118,33 +121,27 @@ def grouped_curves(
 
 
 def run_curves(
-    histories: Mapping[str, Sequence[Mapping[str, Any]]], loss: str, metric: str, title: str
+    panels: Mapping[str, Mapping[str, Sequence[Mapping[str, Any]]]], title: str, key: str = "loss"
 ) -> Figure | None:
-    """Several runs side by side: their training ``loss`` and validation ``metric`` against the step."""
-    fig = _figure(9.0, 3.3)
-    ax_loss, ax_val = fig.subplots(1, 2)
-    drawn = False
-    for i, (name, history) in enumerate(histories.items()):
-        colour = CLASS_COLOURS[i % len(CLASS_COLOURS)] if i else "#0072B2"
-        style = LINE_STYLES["scratch" if "scratch" in name else "pre-trained"]
-        xs, ys = _steps(history, loss)
-        if xs:
-            ax_loss.plot(xs, ys, color=colour, ls=style["ls"], lw=1.3, label=name)
-            drawn = True
-        xs, ys = _steps(history, metric, split="val")
-        if xs:
-            ax_val.plot(xs, ys, color=colour, label=name, **style, ms=3, lw=1.3)
-    if not drawn:
+    """Several runs side by side: ``{panel title: {run name: metrics history}}``, the training ``key``
+    of each run against the step (runs named "scratch ..." dashed); None without any data."""
+    panels = {name: runs for name, runs in panels.items() if any(_steps(h, key)[0] for h in runs.values())}
+    if not panels:
         return None
-    ax_loss.set_title("training loss", fontsize=9)
-    ax_loss.set_ylabel("loss", fontsize=8)
-    ax_val.set_title(f"validation: {metric.removeprefix('val/')}", fontsize=9)
-    ax_val.set_ylabel(metric.removeprefix("val/"), fontsize=8)
-    for ax in (ax_loss, ax_val):
+    fig = _figure(4.6 * len(panels), 3.4)
+    axes = np.atleast_1d(fig.subplots(1, len(panels), squeeze=False)).ravel()
+    for ax, (name, runs) in zip(axes, panels.items()):
+        for i, (run, history) in enumerate(runs.items()):
+            xs, ys = _steps(history, key)
+            style = LINE_STYLES["scratch" if run.startswith("scratch") else "pre-trained"]
+            colour = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")[i // 2 % 4]
+            ax.plot(xs, ys, color=colour, ls=style["ls"], lw=1.3, label=run)
+        ax.set_title(name, fontsize=9)
         ax.set_xlabel("optimizer step", fontsize=8)
+        ax.set_ylabel(f"training {key}", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    ax_val.legend(fontsize=7, loc="best")
+        ax.legend(fontsize=7, loc="best")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
