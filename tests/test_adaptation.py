@@ -26,7 +26,7 @@ from medformer.adapt import (
     grad_reverse,
     tent,
 )
-from medformer.adapt.tta import norm_parameters
+from medformer.adapt.tta import norm_parameters, prediction_entropy
 from medformer.cli import main
 from medformer.config import TrainConfig
 from medformer.data.dataset import CollectionDataset, collate
@@ -197,6 +197,15 @@ def test_tent_lowers_entropy_and_changes_only_layernorm_affine_parameters():
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(id(dict(model.named_parameters())[n]) in norms for n in changed)
     assert all(p.requires_grad for p in model.parameters())  # flags restored
+
+
+def test_segmentation_entropy_is_per_voxel_softmax_entropy():
+    uniform = torch.zeros(2, 4, 3, 3, 3)
+    assert torch.isclose(prediction_entropy("segmentation", uniform), torch.log(torch.tensor(4.0)))
+    sure = torch.zeros(2, 4, 3, 3, 3)
+    sure[:, 0] = 50.0
+    assert float(prediction_entropy("segmentation", sure)) < 1e-6
+    assert prediction_entropy("regression", uniform) is None
 
 
 # -- the command ------------------------------------------------------------------------------------

@@ -70,6 +70,15 @@ def test_segmentation_on_the_brain_cohort(tmp_path):
     assert "brain_phantom/tumour/dice_mean" in results["val"]
     assert "brain_phantom/enhancing/auc" in results["val"]
     assert not any(k.startswith("brain_phantom/survival") for k in results["val"])
+    # test-time adaptation as an evaluation option: its own report, the saved model untouched
+    saved = (out / "model" / "model.safetensors").read_bytes()
+    assert main(["evaluate", "--run", str(out), "--tent", "--device", "cpu"]) == 0
+    adapted = json.loads((out / "tent" / "results.json").read_text())
+    assert set(adapted["results"]["test"]) == set(
+        json.loads((out / "results.json").read_text())["results"]["test"]
+    )
+    assert "TENT" in (out / "tent" / "report.md").read_text()
+    assert (out / "model" / "model.safetensors").read_bytes() == saved
 
 
 @pytest.mark.skipif(not SHARED.exists(), reason="shared MedMNIST files not present")

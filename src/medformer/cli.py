@@ -176,8 +176,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
         _print_results(write_pretrain_report(args.run, args.output), args.output or args.run)
         return 0
-    results = evaluate_run(args.run, model_dir=args.model, device=args.device, output=args.output)
-    _print_results(results, args.output or args.run)
+    output = args.output or (str(Path(args.run) / "tent") if args.tent else None)
+    results = evaluate_run(args.run, model_dir=args.model, device=args.device, output=output, tent=args.tent)
+    _print_results(results, output or args.run)
     return 0
 
 
@@ -284,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run", required=True, metavar="DIR", help="a run folder (written by finetune)")
     ev.add_argument(
         "--model", metavar="DIR", help="model folder to score (default: the run's best/, else model/)"
+    )
+    ev.add_argument(
+        "--tent",
+        action="store_true",
+        help="test-time adaptation: before scoring a split, adapt the model's LayerNorms to its images "
+        "by entropy minimisation (TENT; labels unused); report in RUN/tent unless --output",
     )
     _common(ev, config=False)
     ev.set_defaults(func=cmd_evaluate)

@@ -8,6 +8,7 @@ the best model on val and test and writes ``results.json``, ``report.md`` and ``
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -257,9 +258,14 @@ def evaluate_run(
     fit_result: Any = None,
     device: str | None = None,
     output: str | Path | None = None,
+    tent: bool = False,
 ) -> dict[str, Any]:
     """Score a run's best (else final) model on val and test; write results.json and the report
-    (into the run folder, or ``output``). ``device`` overrides the run's."""
+    (into the run folder, or ``output``). ``device`` overrides the run's.
+
+    ``tent``: before scoring a split, adapt a copy of the model to that split's images by test-time
+    entropy minimisation of its LayerNorm affine parameters (TENT, `medformer.adapt.tta`; labels are
+    not read): for a test site whose images differ from the training site's."""
     run = Path(run)
     if config is None:
         if not (run / "config.yaml").exists():
@@ -278,7 +284,13 @@ def evaluate_run(
         for col in collections:
             if col.split(split):
                 ds = CollectionDataset(col, split, load=cache)
-                metrics.update(evaluate(model, ds, config.eval.batch_size, device, config.eval.hd95, scales))
+                scored = model
+                if tent:
+                    from medformer.adapt.tta import tent_on_dataset
+
+                    scored = copy.deepcopy(model)
+                    tent_on_dataset(scored, ds, config.eval.batch_size, device, collection=col.name)
+                metrics.update(evaluate(scored, ds, config.eval.batch_size, device, config.eval.hd95, scales))
         if metrics:
             results[split] = metrics
     summary = {
@@ -291,6 +303,8 @@ def evaluate_run(
         "collections": ", ".join(f"{c.name} ({len(c)} studies, {c.ndim}D)" for c in collections),
         "model folder": str(model_dir),
     }
+    if tent:
+        summary["test-time adaptation"] = "TENT: LayerNorm affine parameters, one pass per scored split"
     if fit_result is not None:
         summary["steps"] = getattr(fit_result, "step", "")
         summary["best step"] = getattr(fit_result, "best_step", "")

@@ -6,8 +6,10 @@ on the test batches. Wang et al. adapt BatchNorm (statistics and affine); a Medf
 whose statistics are per token, so here only the LayerNorm scales and shifts (``weight``, ``bias``)
 adapt, as in TENT's transformer variants. Everything else stays bit-identical.
 
-Entropy per task kind: softmax over classes (multiclass, ordinal), the Bernoulli entropy of each
-sigmoid output (binary, multilabel). Regression and segmentation outputs are not used.
+Entropy per task kind: softmax over classes (multiclass, ordinal; segmentation per voxel), the
+Bernoulli entropy of each sigmoid output (binary, multilabel). Regression outputs are not used.
+
+`medformer evaluate --run DIR --tent` scores a run this way.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from medformer.losses import task_spec
 def prediction_entropy(kind: str, logits: Tensor) -> Tensor | None:
     """Mean entropy of the predictions of one task kind (``None`` for kinds without one)."""
     logits = logits.float()
-    if kind in ("multiclass", "ordinal") and logits.shape[1] > 1:
+    if kind in ("multiclass", "ordinal", "segmentation") and logits.shape[1] > 1:  # per voxel for masks
         logp = logits.log_softmax(1)
         return -(logp.exp() * logp).sum(1).mean()
     if kind in ("binary", "multilabel") or (kind == "ordinal" and logits.shape[1] == 1):
