@@ -255,7 +255,7 @@ def plot(part: str, table: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shifts = [s for s in table if s != "none"]
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(shifts) + 2), 4))
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(shifts) + 2), 4.4))
     width = 0.8 / len(ARMS)
     for i, arm in enumerate(ARMS):
         means = [table[s][arm]["mean"] for s in shifts]
@@ -266,7 +266,7 @@ def plot(part: str, table: dict, path: Path) -> None:
     ax.set_ylabel(SETTINGS[part]["common"]["metric"])
     ax.set_ylim(0.4 if part == "medmnist" else 0.0, 1.0)
     ax.legend(ncol=3, fontsize=8)
-    ax.set_title(f"{TITLES[part]}: adaptation under controlled shifts", fontsize=10)
+    ax.set_title(f"{TITLES[part]}:\nadaptation under controlled shifts", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
