@@ -4,8 +4,9 @@ training split without labels, then fine-tuned for tumour segmentation with 20%,
 labels, against training from scratch; plus BrainMVP with its templates used downstream (missing
 modalities filled, template channel mixing).
 
-    python benchmarks/brainmvp.py --quick     # pipeline check: small cohort and model, a few steps
-    python benchmarks/brainmvp.py             # full run (see FULL)
+    python benchmarks/brainmvp.py --size quick   # pipeline check: small cohort and model, a few steps
+    python benchmarks/brainmvp.py                # CPU-sized: the demo's cohort and model, one label seed
+    python benchmarks/brainmvp.py --size full    # the full run (see FULL): for a GPU
 
 Cost of the full run: 4 pre-trainings x 4000 steps and 54 fine-tunings (6 initialisations x 3 label
 fractions x 3 seeds) x 1500 steps. Measured on 2 shared CPU cores: ~13 s per pre-training step and
@@ -15,7 +16,7 @@ faster than several threads waiting on each other.
 
 Reports test Dice per class (necrosis, oedema, enhancing) and of the BraTS regions (ET, TC, WT), mean
 and SD over label seeds, and the time per optimizer step of every pre-training and fine-tuning run.
-Writes benchmarks/results/brainmvp{,_quick}.{json,md}; after every run, so no work is lost.
+Writes benchmarks/results/brainmvp{,_quick,_full}.{json,md}; after every run, so no work is lost.
 """
 
 from __future__ import annotations
@@ -46,6 +47,12 @@ QUICK = {
     "model": {"preset": "tiny", "dim": 96, "depth": 4, "heads": 3},
     "pretrain": {"steps": 40, "batch_size": 4, "lr": 1e-3},
     "finetune": {"steps": 30, "batch_size": 2, "lr": 5e-4},
+}  # fmt: skip
+DEFAULT = {  # the demo's cohort and model: a CPU-sized run (about 20 min on 2 cores)
+    "subjects": 80, "shape": 40, "voxel_mm": 5.0, "seeds": [0],
+    "model": {"preset": "tiny", "dim": 96, "depth": 4, "heads": 3},
+    "pretrain": {"steps": 400, "batch_size": 4, "lr": 1e-3},
+    "finetune": {"steps": 250, "batch_size": 2, "lr": 5e-4},
 }  # fmt: skip
 FULL = {
     "subjects": 120, "shape": 64, "voxel_mm": 3.0, "seeds": [0, 1, 2],
@@ -162,21 +169,31 @@ def summarise(runs: list[dict]) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small cohort and model, a few steps: the pipeline")
+    ap.add_argument(
+        "--size",
+        choices=("quick", "default", "full"),
+        default="default",
+        help="quick: pipeline check; default: CPU-sized (~20 min, 2 cores); full: for a GPU",
+    )
     ap.add_argument("--work", default="runs/benchmark_brainmvp", help="cohort, cache and run folders")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: every core of this process)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads or max(1, len(os.sched_getaffinity(0))))
-    settings = QUICK if args.quick else FULL
-    work = Path(args.work) / ("quick" if args.quick else "full")
+    settings = {"quick": QUICK, "default": DEFAULT, "full": FULL}[args.size]
+    args.quick = args.size == "quick"
+    work = Path(args.work) / args.size
     wall = time.perf_counter()
     cohort = PhantomConfig(
-        n_subjects=settings["subjects"], voxel_size_mm=settings["voxel_mm"], shape=(settings["shape"],) * 3
+        n_subjects=settings["subjects"],
+        voxel_size_mm=settings["voxel_mm"],
+        shape=(settings["shape"],) * 3,
+        tumour_radius_mm=(20.0, 35.0) if args.size == "default" else PhantomConfig.tumour_radius_mm,
     )
     manifest = write_cohort(work / "data" / "brain_phantom", cohort)
     result: dict[str, Any] = {
-        "quick": args.quick, "settings": settings, "fractions": list(FRACTIONS), "variants": VARIANTS,
+        "quick": args.quick, "size": args.size, "settings": settings, "fractions": list(FRACTIONS),
+        "variants": VARIANTS,
         "pretrain": {}, "finetune": {}, "complete": False,
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "torch": torch.__version__, "cuda": torch.cuda.is_available()},
@@ -206,7 +223,7 @@ def write(result: dict, args: argparse.Namespace, wall: float) -> None:
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "brainmvp_quick" if args.quick else "brainmvp"
+    stem = {"quick": "brainmvp_quick", "default": "brainmvp", "full": "brainmvp_full"}[args.size]
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
 
