@@ -61,7 +61,7 @@ from medformer.data.phantom import PhantomConfig, write_cohort
 from medformer.data.shifts import DEFAULT_STRENGTH, Shift, second_scanner, shift_collection
 from medformer.data.study import Collection
 from medformer.data.transforms import Preprocessor
-from medformer.evaluate.examples import dice, predict_labels
+from medformer.evaluate.examples import mean_region_dice
 from medformer.evaluate.predict import evaluate
 from medformer.losses import SupervisedObjective
 from medformer.models import Medformer, MedformerConfig
@@ -103,11 +103,7 @@ def score(model: torch.nn.Module, dataset: CollectionDataset, metric: str) -> fl
     """The test metric of the dataset's task: ``auc`` or, for the tumour, the whole-tumour Dice
     (``dice_WT``: every tumour label against background, averaged over subjects)."""
     if metric == "dice_WT":
-        maps = predict_labels(model, dataset, f"{dataset.collection.name}/tumour")
-        items = [dataset[i] for i in range(len(dataset))]
-        return float(
-            np.mean([dice(maps[str(x["id"])], x["labels"]["tumour"].numpy(), (1, 2, 3)) for x in items])
-        )
+        return mean_region_dice(model, dataset, f"{dataset.collection.name}/tumour", (1, 2, 3))
     metrics = evaluate(model, dataset, 256)
     return float(next(v for k, v in metrics.items() if k.endswith(f"/{metric}")))
 

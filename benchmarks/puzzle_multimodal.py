@@ -121,7 +121,7 @@ def whole_tumour_dice(run: Path) -> float:
     """Mean over test subjects of the whole-tumour Dice (every tumour label against background)."""
     from medformer.config import load_config
     from medformer.data.dataset import CollectionDataset
-    from medformer.evaluate.examples import dice, predict_labels
+    from medformer.evaluate.examples import mean_region_dice
     from medformer.finetune import load_run_model, model_folder, open_collections
 
     config = load_config(FinetuneConfig, run / "config.yaml")
@@ -129,9 +129,7 @@ def whole_tumour_dice(run: Path) -> float:
     col = collections[0]
     model = load_run_model(model_folder(run), config, collections)
     test = CollectionDataset(col, "test", load=cache)
-    maps = predict_labels(model, test, f"{col.name}/tumour")
-    items = [test[i] for i in range(len(test))]
-    return float(np.mean([dice(maps[str(x["id"])], x["labels"]["tumour"].numpy(), (1, 2, 3)) for x in items]))
+    return mean_region_dice(model, test, f"{col.name}/tumour", (1, 2, 3))
 
 
 def main() -> None:

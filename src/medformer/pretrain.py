@@ -79,6 +79,20 @@ def unlabeled(collection: Collection, splits: list[str]) -> tuple[Collection, li
     return replace(collection, tasks=[]), studies
 
 
+def build_pretrainer(
+    config: PretrainConfig,
+) -> tuple[Pretrainer, dict[str, CollectionDataset], dict[str, float]]:
+    """The run's unlabeled datasets, the Medformer with its pretext tasks, and the tasks' loss weights."""
+    collections, cache = open_collections(config)
+    datasets = {}
+    for col in collections:
+        col, studies = unlabeled(col, config.pretrain.splits)
+        datasets[col.name] = CollectionDataset(col, load=cache, studies=studies)
+    model = build_model(config.model, [ds.collection for ds in datasets.values()])
+    tasks, weights = build_tasks(config.pretext)
+    return Pretrainer(model, tasks), datasets, weights
+
+
 def run_pretrain(config: PretrainConfig, resume: bool = False) -> dict[str, Any]:
     """Pre-train, save ``model/`` and the figures; returns a summary (paths, steps, last losses)."""
     from medformer.train import fit
@@ -90,14 +104,9 @@ def run_pretrain(config: PretrainConfig, resume: bool = False) -> dict[str, Any]
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         dump_config(config, out / "config.yaml")
-    collections, cache = open_collections(config)
-    datasets = {}
-    for col in collections:
-        col, studies = unlabeled(col, config.pretrain.splits)
-        datasets[col.name] = CollectionDataset(col, load=cache, studies=studies)
-    model = build_model(config.model, [ds.collection for ds in datasets.values()])
-    tasks, weights = build_tasks(config.pretext)
-    pretrainer = Pretrainer(model, tasks).to(device)
+    pretrainer, datasets, weights = build_pretrainer(config)
+    pretrainer.to(device)
+    model = pretrainer.model
     train = config.train.model_copy(update={"seed": config.seed, "device": config.device})
     result = fit(pretrainer, pretrainer.objectives(), datasets, train, out, weights=weights, resume=resume)
     summary: dict[str, Any] = {"output": str(out), "model": str(out / "model"), "steps": result.step}
@@ -166,13 +175,6 @@ def load_pretrainer(run: str | Path) -> tuple[Pretrainer, dict[str, CollectionDa
     latest = ckpt.find_latest(run / "checkpoints")
     if latest is None:
         raise ConfigError(f"{run}: no checkpoint to load the pretext heads from")
-    collections, cache = open_collections(config)
-    datasets = {}
-    for col in collections:
-        col, studies = unlabeled(col, config.pretrain.splits)
-        datasets[col.name] = CollectionDataset(col, load=cache, studies=studies)
-    model = build_model(config.model, [ds.collection for ds in datasets.values()])
-    tasks, _ = build_tasks(config.pretext)
-    pretrainer = Pretrainer(model, tasks)
+    pretrainer, datasets, _ = build_pretrainer(config)
     ckpt.load_weights(pretrainer, latest)
     return pretrainer.eval(), datasets, config

@@ -117,6 +117,15 @@ def overlay_rows(
     return rows
 
 
+def mean_region_dice(model: nn.Module, dataset: Dataset, task_key: str, labels: Sequence[int]) -> float:
+    """Mean over the dataset's studies of the Dice of the region ``labels`` (e.g. (1, 2, 3): the whole
+    tumour) predicted by segmentation task ``task_key``."""
+    maps = predict_labels(model, dataset, task_key, device=next(model.parameters()).device)
+    label = model.tasks[task_key].spec.key
+    items = [dataset[i] for i in range(len(dataset))]
+    return float(np.mean([dice(maps[str(x["id"])], np.asarray(x["labels"][label]), labels) for x in items]))
+
+
 def dice(pred: np.ndarray, truth: np.ndarray, labels: Sequence[int]) -> float:
     """Dice of the region ``labels`` (e.g. (1, 2, 3) for the whole tumour); 1 when both are empty."""
     p, t = np.isin(pred, labels), np.isin(truth, labels)

@@ -89,6 +89,16 @@ def objective_curves(history: Sequence[Mapping[str, Any]], title: str) -> Figure
     return fig
 
 
+def _step_panel(ax: Any, title: str, ylabel: str) -> None:
+    """Titles, labels, grid and legend of a panel of values against the optimizer step."""
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("optimizer step", fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+
+
 def grouped_curves(
     history: Sequence[Mapping[str, Any]],
     panels: Mapping[str, tuple[str, Mapping[str, str]]],
@@ -109,12 +119,7 @@ def grouped_curves(
         for i, (key, label) in enumerate(keys.items()):
             xs, ys = _steps(history, key)
             ax.plot(xs, ys, lw=1.3, label=label, color=("#0072B2", "#D55E00", "#009E73", "#CC79A7")[i % 4])
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _step_panel(ax, name, ylabel)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
@@ -136,12 +141,7 @@ def run_curves(
             style = LINE_STYLES["scratch" if run.startswith("scratch") else "pre-trained"]
             colour = ("#0072B2", "#D55E00", "#009E73", "#CC79A7")[i // 2 % 4]
             ax.plot(xs, ys, color=colour, ls=style["ls"], lw=1.3, label=run)
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("optimizer step", fontsize=8)
-        ax.set_ylabel(f"training {key}", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="best")
+        _step_panel(ax, name, f"training {key}")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
