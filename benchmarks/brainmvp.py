@@ -2,7 +2,9 @@
 lack modalities): the paper's ablation (CMR, +MD, +MCL) and an MAE baseline, each pre-trained on the
 training split without labels, then fine-tuned for tumour segmentation with 20%, 40% and 100% of the
 labels, against training from scratch; plus BrainMVP with its templates used downstream (missing
-modalities filled, template channel mixing).
+modalities filled, template channel mixing). The models fine-tuned with all the labels are also scored
+with one and with two modalities withheld at test time (every choice, in turn), the missing images
+dropped (Medformer's native way), zero-filled, or filled from the learned templates.
 
     python benchmarks/brainmvp.py --size quick   # pipeline check: small cohort and model, a few steps
     python benchmarks/brainmvp.py                # CPU-sized: the demo's cohort and model, one label seed
@@ -16,7 +18,7 @@ faster than several threads waiting on each other.
 
 Reports test Dice per class (necrosis, oedema, enhancing) and of the BraTS regions (ET, TC, WT), mean
 and SD over label seeds, and the time per optimizer step of every pre-training and fine-tuning run.
-Writes benchmarks/results/brainmvp{,_quick,_full}.{json,md}; after every run, so no work is lost.
+Writes benchmarks/results/brainmvp{,_quick,_full}.{json,md,png} after every run, so no work is lost.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from medformer.config import build_config
 from medformer.data.dataset import CollectionDataset, collate
 from medformer.data.phantom import PhantomConfig, write_cohort
 from medformer.evaluate.metrics import brats_dice
+from medformer.evaluate.missing import missing_modality_scores, withheld_sets
 from medformer.finetune import FinetuneConfig, load_run_model, open_collections, run_finetune
 from medformer.pretrain import PretrainConfig, run_pretrain
 
@@ -70,6 +73,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 TEMPLATES_ROW = "BrainMVP + templates (fill missing, mix 1)"
 CLASSES = ("necrosis", "oedema", "enhancing")
+WITHHELD = (0, 1, 2)  # modalities withheld at test time (every choice of that many, in turn)
 
 
 def slug(name: str) -> str:
@@ -129,28 +133,48 @@ def finetune(init: str | None, templates: dict, fraction: float, seed: int, sett
     key = next(k.rsplit("/", 1)[0] for k in test if k.endswith("/dice_mean"))
     scores = {f"dice_{name}": test[f"{key}/dice_{c}"] for c, name in enumerate(CLASSES, start=1)}
     scores["dice_mean"] = test[f"{key}/dice_mean"]
-    scores.update(brats_scores(out, config, key))
+    collections, cache = open_collections(config)
+    folder = out / "best" if (out / "best").exists() else out / "model"
+    model = load_run_model(folder, config, collections).eval()
+    test = CollectionDataset(collections[0], "test", load=cache)
+    scores.update(brats_scores(model, test, key))
+    if fraction == 1.0:
+        scores["missing"] = robustness(model, test, key, collections[0].modalities)
     scores["seconds_per_step"] = step_seconds(out, settings["finetune"]["batch_size"])
     return scores
 
 
 @torch.no_grad()
-def brats_scores(run: Path, config: FinetuneConfig, key: str) -> dict[str, float]:
+def brats_scores(model: torch.nn.Module, test: CollectionDataset, key: str) -> dict[str, float]:
     """Test Dice of the BraTS regions ET, TC, WT with the run's selected model."""
-    collections, cache = open_collections(config)
-    folder = run / "best" if (run / "best").exists() else run / "model"
-    model = load_run_model(folder, config, collections).eval()
     device = next(model.parameters()).device
     label = model.tasks[key].spec.key
     sums: dict[str, float] = {}
     count = 0
-    for batch in DataLoader(CollectionDataset(collections[0], "test", load=cache), 2, collate_fn=collate):
+    for batch in DataLoader(test, 2, collate_fn=collate):
         batch = {**batch, "images": batch["images"].to(device), "present": batch["present"].to(device)}
         pred = model(batch, tasks=[key])[key].argmax(1).cpu().numpy()
         for name, value in brats_dice(pred, batch["labels"][label].numpy()).items():
             sums[name] = sums.get(name, 0.0) + value * len(pred)
         count += len(pred)
     return {k: v / count for k, v in sums.items()}
+
+
+def robustness(model: torch.nn.Module, test: CollectionDataset, key: str, modalities: list[str]) -> dict:
+    """BraTS-region Dice with 0, 1, 2 modalities withheld (each choice in turn), per way of filling them;
+    template filling only where pre-training learned templates (MD on)."""
+    templates = getattr(model, "templates", None)
+    learned = templates is not None and any(
+        bool(v.detach().abs().sum() > 0) for v in templates.volumes.values()
+    )
+    fills = ["drop", "zero"] + (["template"] if learned else [])
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for k in WITHHELD:
+        for fill in fills:
+            r = missing_modality_scores(model, test, key, withheld_sets(modalities, k), fill)
+            r["dice_regions"] = float(np.mean([r["dice_ET"], r["dice_TC"], r["dice_WT"]]))
+            out.setdefault(str(k), {})[fill] = r
+    return out
 
 
 def step_seconds(run: Path, batch_size: int) -> float:
@@ -162,8 +186,14 @@ def step_seconds(run: Path, batch_size: int) -> float:
 
 def summarise(runs: list[dict]) -> dict[str, Any]:
     keys = [k for k in runs[0] if k.startswith("dice")] + ["seconds_per_step"]
-    out = {f"{k}_mean": float(np.mean([r[k] for r in runs])) for k in keys}
+    out: dict[str, Any] = {f"{k}_mean": float(np.mean([r[k] for r in runs])) for k in keys}
     out.update({f"{k}_sd": float(np.std([r[k] for r in runs])) for k in keys if k.startswith("dice")})
+    if "missing" in runs[0]:  # mean over label seeds of each (withheld, fill) entry
+        out["missing"] = {
+            k: {fill: {m: float(np.mean([r["missing"][k][fill][m] for r in runs])) for m in entry}
+                for fill, entry in per_fill.items()}
+            for k, per_fill in runs[0]["missing"].items()
+        }  # fmt: skip
     return {**out, "runs": runs}
 
 
@@ -221,11 +251,13 @@ def main() -> None:
 
 def write(result: dict, args: argparse.Namespace, wall: float) -> None:
     result["wall_seconds"] = round(time.perf_counter() - wall, 1)
+    result["cpu_seconds"] = round(time.process_time(), 1)  # this process's CPU time, all threads
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = {"quick": "brainmvp_quick", "default": "brainmvp", "full": "brainmvp_full"}[args.size]
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
+    draw(result, out / f"{stem}.png")
 
 
 def markdown(result: dict) -> str:
@@ -247,6 +279,7 @@ def markdown(result: dict) -> str:
             ]
             step = r["seconds_per_step_mean"]
             lines.append(f"| {name} | {float(fraction):.0%} | " + " | ".join(cells) + f" | {step:.2f} |")
+    lines += missing_table(result)
     lines += ["", "Pre-training:", "", "| variant | s/step | seconds | last losses |", "|---|---:|---:|---|"]
     for name, r in result["pretrain"].items():
         losses = ", ".join(f"{k} {v:.4g}" for k, v in r["last_losses"].items())
@@ -255,11 +288,69 @@ def markdown(result: dict) -> str:
     quick += "" if result["complete"] else " so far (run not complete)"
     lines += [
         "",
-        f"Wall time: {result['wall_seconds'] / 60:.1f} min{quick}.",
+        f"Wall time: {result['wall_seconds'] / 60:.1f} min{quick}; "
+        f"CPU time {result['cpu_seconds'] / 60:.1f} min ({result['machine']['threads']} thread(s)).",
         f"Machine: {result['machine']}",
         "",
     ]
     return "\n".join(lines)
+
+
+def missing_table(result: dict) -> list[str]:
+    """Markdown: Dice with 0 / 1 / 2 modalities withheld, per initialisation and fill, 100% labels."""
+    rows = [
+        (name, r["1.0"]["missing"]) for name, r in result["finetune"].items() if "missing" in r.get("1.0", {})
+    ]
+    if not rows:
+        return []
+    lines = [
+        "",
+        "Missing modalities at test time (100% labels): whole-tumour Dice / mean of ET, TC, WT Dice, "
+        "mean over every choice of the withheld modalities. drop: marked absent (no tokens); zero: "
+        "zero images; template: the learned BrainMVP templates.",
+        "",
+        "| initialisation | fill | none withheld | 1 withheld | 2 withheld |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, missing in rows:
+        for fill in missing["0"]:
+            cells = [f"{missing[str(k)][fill]['dice_WT']:.3f} / {missing[str(k)][fill]['dice_regions']:.3f}"
+                     for k in WITHHELD]  # fmt: skip
+            lines.append(f"| {name} | {fill} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def draw(result: dict, path: Path) -> None:
+    """Whole-tumour and mean region Dice vs label fraction per initialisation; whole-tumour Dice vs the
+    number of withheld modalities per initialisation and fill (100% labels)."""
+    from matplotlib.figure import Figure
+
+    if not result["finetune"]:
+        return
+    fig = Figure(figsize=(16, 4.8), layout="constrained")
+    axes = fig.subplots(1, 3)
+    colours = {name: f"C{i}" for i, name in enumerate(result["finetune"])}
+    for ax, metric, title in ((axes[0], "WT", "whole tumour"), (axes[1], "mean", "mean of 3 classes")):
+        for name, per_fraction in result["finetune"].items():
+            x = [float(f) for f in per_fraction]
+            y = [r[f"dice_{metric}_mean"] for r in per_fraction.values()]
+            sd = [r[f"dice_{metric}_sd"] for r in per_fraction.values()]
+            ax.errorbar(x, y, yerr=sd, marker="o", capsize=3, color=colours[name], label=name)
+        ax.set_xticks(FRACTIONS, [f"{f:.0%}" for f in FRACTIONS])
+        ax.set(xlabel="training labels used", ylabel="test Dice", title=f"Tumour segmentation: {title}")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    styles = {"drop": "-", "zero": "--", "template": ":"}
+    for name, per_fraction in result["finetune"].items():
+        missing = per_fraction.get("1.0", {}).get("missing")
+        for fill in missing["0"] if missing else ():
+            y = [missing[str(k)][fill]["dice_WT"] for k in WITHHELD]
+            axes[2].plot(WITHHELD, y, styles[fill], marker="o", color=colours[name], label=f"{name}, {fill}")
+    axes[2].set_xticks(WITHHELD)
+    title = "Missing modalities (100% labels)\nsolid: drop, dashed: zero-fill, dotted: template-fill"
+    axes[2].set(xlabel="modalities withheld at test time", ylabel="test whole-tumour Dice", title=title)
+    axes[2].grid(alpha=0.3)
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":
