@@ -17,13 +17,7 @@ from medformer.train import fit
 MODS = ("T1", "T2", "FLAIR")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and does not wait on cores other processes hold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SHAPE = (16, 16, 16)

@@ -10,7 +10,6 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
 
 from medformer.cli import main
 from medformer.demo import available_task
@@ -28,15 +27,6 @@ SECTIONS = [
     "Learned templates",
 ]
 RUNS = ["pre-trained, 10% labels", "scratch, 10% labels", "pre-trained, 100% labels", "scratch, 100% labels"]
-
-
-@pytest.fixture
-def one_thread():
-    """The test machine is shared: one torch thread is faster than two that wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fmt(value: float) -> str:

@@ -17,14 +17,7 @@ from medformer.generate import ModalityFiller, Translator, fill_missing, strip_s
 from medformer.generate.train import GenerateConfig, image_quality, psnr, random_crop, run_generate, ssim
 from medformer.pretext.puzzle import JigsawPuzzle
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def small(source: str = "a", target: str = "b", ndim: int = 2) -> Translator:

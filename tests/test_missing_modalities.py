@@ -10,12 +10,7 @@ from medformer.models import Medformer, MedformerConfig
 MODS = ("T1", "T2", "FLAIR")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def seg_model() -> Medformer:

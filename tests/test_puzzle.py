@@ -23,14 +23,7 @@ from medformer.pretext.puzzle import (
 from medformer.pretext.sinkhorn import permutation_matrix
 from medformer.pretext.tile_encoder import CNNTileEncoder, embed_tiles
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def coordinate_images(b: int, m: int, spatial: tuple[int, ...]) -> torch.Tensor:

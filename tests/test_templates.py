@@ -26,13 +26,7 @@ from medformer.models.templates import (
 MODS = ("T1", "T2", "FLAIR")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and does not wait on cores other processes hold."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_model(**templates) -> Medformer:
