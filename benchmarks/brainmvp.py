@@ -35,12 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from medformer.config import build_config
-from medformer.data.dataset import CollectionDataset, collate
+from medformer.data.dataset import CollectionDataset
 from medformer.data.phantom import PhantomConfig, write_cohort
-from medformer.evaluate.metrics import brats_dice
 from medformer.evaluate.missing import missing_modality_scores, withheld_sets
 from medformer.finetune import FinetuneConfig, load_run_model, open_collections, run_finetune
 from medformer.pretrain import PretrainConfig, run_pretrain
@@ -144,20 +142,12 @@ def finetune(init: str | None, templates: dict, fraction: float, seed: int, sett
     return scores
 
 
-@torch.no_grad()
 def brats_scores(model: torch.nn.Module, test: CollectionDataset, key: str) -> dict[str, float]:
-    """Test Dice of the BraTS regions ET, TC, WT with the run's selected model."""
-    device = next(model.parameters()).device
-    label = model.tasks[key].spec.key
-    sums: dict[str, float] = {}
-    count = 0
-    for batch in DataLoader(test, 2, collate_fn=collate):
-        batch = {**batch, "images": batch["images"].to(device), "present": batch["present"].to(device)}
-        pred = model(batch, tasks=[key])[key].argmax(1).cpu().numpy()
-        for name, value in brats_dice(pred, batch["labels"][label].numpy()).items():
-            sums[name] = sums.get(name, 0.0) + value * len(pred)
-        count += len(pred)
-    return {k: v / count for k, v in sums.items()}
+    """Test Dice of the BraTS regions ET, TC, WT with the run's selected model, its missing modalities
+    handled as the model itself does (from the templates when fine-tuned with ``fill_missing``)."""
+    fills = model.templates is not None and model.templates.fill_missing
+    scores = missing_modality_scores(model, test, key, [()], "template" if fills else "drop")
+    return {k: v for k, v in scores.items() if k != "n"}
 
 
 def robustness(model: torch.nn.Module, test: CollectionDataset, key: str, modalities: list[str]) -> dict:
