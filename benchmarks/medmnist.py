@@ -138,8 +138,8 @@ def previous(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, float, i
     if not path.exists():
         return {}, 0.0, 0
     old = json.loads(path.read_text())
-    same = old["seeds"] == seeds and old["epochs"] == EPOCHS and old["medformer"] == MEDFORMER
-    if not same:
+    mine = {"seeds": seeds, "epochs": EPOCHS, "medformer": MEDFORMER, "resnet_batch": RESNET_BATCH}
+    if any(old.get(k) != v for k, v in mine.items()):
         raise SystemExit(f"{path}: written with other seeds, epochs or model settings; cannot resume it")
     rows = {label: {s: r["runs"] for s, r in per_set.items()} for label, per_set in old["results"].items()}
     return rows, old["wall_seconds"], old.get("sittings", 1)
@@ -167,6 +167,7 @@ def write(
         "seeds": seeds,
         "epochs": EPOCHS,
         "medformer": MEDFORMER,
+        "resnet_batch": RESNET_BATCH,
         "complete": final,
         "wall_seconds": round(total, 1),
         "sittings": sittings,
