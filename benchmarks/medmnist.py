@@ -6,7 +6,8 @@ MedMNIST v2 ResNet-18 (28) numbers.
     python benchmarks/medmnist.py --root ~/.medmnist --quick    # smoke run (minutes)
     python benchmarks/medmnist.py --root ~/.medmnist --resume   # finish an interrupted run
 
-Writes benchmarks/results/medmnist.{json,md} (mean and SD over seeds of test AUC/ACC, wall time).
+Writes benchmarks/results/medmnist.{json,md} (mean and SD over seeds of test AUC/ACC, wall time);
+``--runs multitask`` (some of the models) writes medmnist_multitask.{json,md} instead.
 The 2D ResNet-18 uses the MedMNIST papers' stem for 28-pixel inputs (3x3 conv, stride 1, no max-pool);
 the 3D one MONAI's default stem (see STEM below for why).
 """
@@ -49,6 +50,7 @@ MEDFORMER = {"preset": "tiny", "patch_size_2d": 7, "patch_size_3d": 7}
 # ResNet-18 stem: the MedMNIST papers' 3x3 / stride 1 / no max-pool stem in 2D. In 3D that stem keeps
 # layer 1 at 28^3 x 64 channels (~1 sample/s on 2 CPU cores: ~20 min per epoch), so the 3D baseline
 # uses MONAI's default 7x7x7 / stride 2 + max-pool stem to fit the budget.
+RUNS = ("resnet18", "medformer", "multitask")
 STEM = {"breastmnist": "medmnist", "pneumoniamnist": "medmnist", "adrenalmnist3d": "imagenet"}
 
 
@@ -94,7 +96,7 @@ def main() -> None:
     ap.add_argument("--root", default=os.environ.get("MEDMNIST_ROOT", "~/.medmnist"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--quick", action="store_true", help="8 steps per run, one seed: checks the pipeline")
-    ap.add_argument("--runs", nargs="+", default=["resnet18", "medformer", "multitask"])
+    ap.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
     ap.add_argument("--work", default="runs/benchmark_medmnist", help="run folders")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
     ap.add_argument("--resume", action="store_true", help="keep the finished runs of an interrupted run")
@@ -134,7 +136,7 @@ def main() -> None:
 
 def previous(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, float, int]:
     """The finished runs, wall time and sittings of an interrupted run with the same settings."""
-    path = Path(args.out) / ("medmnist_quick.json" if args.quick else "medmnist.json")
+    path = Path(args.out) / f"{results_stem(args)}.json"
     if not path.exists():
         return {}, 0.0, 0
     old = json.loads(path.read_text())
@@ -143,6 +145,12 @@ def previous(args: argparse.Namespace, seeds: list[int]) -> tuple[dict, float, i
         raise SystemExit(f"{path}: written with other seeds, epochs or model settings; cannot resume it")
     rows = {label: {s: r["runs"] for s, r in per_set.items()} for label, per_set in old["results"].items()}
     return rows, old["wall_seconds"], old.get("sittings", 1)
+
+
+def results_stem(args: argparse.Namespace) -> str:
+    """``medmnist[_<runs>][_quick]``: a run of only some models never overwrites the full table."""
+    runs = "" if sorted(args.runs) == sorted(RUNS) else "_" + "_".join(args.runs)
+    return f"medmnist{runs}{'_quick' if args.quick else ''}"
 
 
 def write(
@@ -178,7 +186,7 @@ def write(
     }  # fmt: skip
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = "medmnist_quick" if args.quick else "medmnist"
+    stem = results_stem(args)
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     (out / f"{stem}.md").write_text(markdown(result))
     if final:

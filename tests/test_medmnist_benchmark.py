@@ -66,3 +66,16 @@ def test_resume_refuses_other_settings(bench, monkeypatch, tmp_path):
     monkeypatch.setattr(sys, "argv", ["medmnist.py", "--seeds", "0", "--out", str(tmp_path), "--resume"])
     with pytest.raises(SystemExit, match=r"medmnist\.json.*other seeds"):
         bench.main()
+
+
+def test_a_run_of_some_models_keeps_the_full_table(bench, monkeypatch, tmp_path):
+    monkeypatch.setattr(bench, "run", fake_run([]))
+    main(bench, monkeypatch, tmp_path)
+    full = (tmp_path / "medmnist.json").read_text()
+    calls: list = []
+    monkeypatch.setattr(bench, "run", fake_run(calls))
+    main(bench, monkeypatch, tmp_path, "--runs", "multitask")
+    assert calls == [("multitask", 0), ("multitask", 1)]
+    assert (tmp_path / "medmnist.json").read_text() == full
+    partial = json.loads((tmp_path / "medmnist_multitask.json").read_text())
+    assert list(partial["results"]) == ["Medformer multitask"] and partial["complete"]

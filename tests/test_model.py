@@ -221,6 +221,34 @@ def test_conv_tokenizer_keeps_patches_apart_and_round_trips(spatial, tmp_path) -
         torch.testing.assert_close(loaded(x, ["T1"], collection=col), conv(x, ["T1"], collection=col))
 
 
+@pytest.mark.parametrize("spatial", [(16, 16), (9, 9, 9)], ids=["2d", "3d"])
+def test_hybrid_tokenizer_keeps_the_patch_grid_and_refuses_masked_encoding(spatial, tmp_path) -> None:
+    """The CNN stem lands on the patch tokenizer's grid; its tokens see neighbouring patches, so
+    encoding a visible subset is refused rather than silently leaking masked pixels."""
+    hybrid = tiny_model(tokenizer="hybrid")
+    linear = tiny_model(tokenizer="linear")
+    images = torch.randn(2, 1, *spatial)
+    with torch.no_grad():
+        a = hybrid.tokenize(images, ["T1"])
+        assert a.grid == linear.tokenize(images, ["T1"]).grid
+        other = images.clone()
+        other[(..., *[slice(0, 4)] * (len(spatial) - 1), slice(4, 8))] = 7.0  # the second cell only
+        b = hybrid.tokenize(other, ["T1"])
+    changed = (a.tokens - b.tokens).abs().amax(dim=(0, 2)) > 0
+    assert changed[1] and changed[0], "the first cell's token should see its neighbour through the stem"
+    with pytest.raises(ValueError, match="hybrid"):
+        hybrid.encode(a, torch.tensor([[0], [0]]))
+    loaded = Medformer.from_pretrained(hybrid.save(tmp_path / "m")).eval()
+    assert loaded.config.tokenizer == "hybrid"
+    col = "c2d" if len(spatial) == 2 else "c3d"
+    with torch.no_grad():
+        out, ref = loaded(images, ["T1"], collection=col), hybrid(images, ["T1"], collection=col)
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key])
+    with pytest.raises(ValueError, match="power-of-two"):
+        tiny_model(tokenizer="hybrid", patch_size_2d=6)
+
+
 def test_scatter_inverts_select_and_dense_decoding_after_fill(model: Medformer) -> None:
     tokens = model.tokenize(torch.randn(2, 1, 8, 8, 8), ["T1"], collection="c3d")
     n = len(tokens)

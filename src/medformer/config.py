@@ -84,7 +84,7 @@ class ModelConfig(Section):
     heads: int | None = None
     patch_size_2d: int | None = None
     patch_size_3d: int | None = None
-    tokenizer: Literal["linear", "conv"] | None = None  # conv: patch-local convolutional stem
+    tokenizer: Literal["linear", "conv", "hybrid"] | None = None  # conv: patch-local CNN; hybrid: CNN stem
     drop_path: float | None = None
     checkpointing: bool = False
     init: str | None = None  # a saved model folder (pre-trained, or a run's model/ or best/)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from medformer.models.tokenizers import (
     ConvPatchTokenizer,
     Encoded,
+    HybridTokenizer,
     PatchTokenizer,
     TokenSet,
     sincos_position_embedding,
@@ -50,7 +51,7 @@ class InputAdaptformer(nn.Module):
     ):
         super().__init__()
         self.dim, self.num_latents = dim, num_latents
-        make = {"linear": PatchTokenizer, "conv": ConvPatchTokenizer}[tokenizer]
+        make = {"linear": PatchTokenizer, "conv": ConvPatchTokenizer, "hybrid": HybridTokenizer}[tokenizer]
         self.tokenizers = nn.ModuleDict(
             {"2d": make(2, patch_size_2d, dim), "3d": make(3, patch_size_3d, dim)}
         )

@@ -67,7 +67,9 @@ class MedformerConfig:
     head_queries: int = 4
     head_mlp_ratio: float = 1.0
     dense_channels: int = 16
-    tokenizer: str = "linear"  # or "conv": a patch-local convolutional stem (tokenizers.ConvPatchTokenizer)
+    # "linear" patches; "conv": plus a patch-local CNN (tokenizers.ConvPatchTokenizer); "hybrid": a CNN
+    # stem over the whole image (tokenizers.HybridTokenizer), best from scratch on small sets, but no MAE
+    tokenizer: str = "linear"
     drop_path: float = 0.0
     checkpointing: bool = False
 
@@ -87,8 +89,8 @@ class MedformerConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.tokenizer not in ("linear", "conv"):
-            raise ValueError(f"tokenizer must be 'linear' or 'conv', got {self.tokenizer!r}")
+        if self.tokenizer not in ("linear", "conv", "hybrid"):
+            raise ValueError(f"tokenizer must be 'linear', 'conv' or 'hybrid', got {self.tokenizer!r}")
         if self.num_latents < 0 or not 0.0 <= self.drop_path < 1.0 or self.head_mlp_ratio <= 0:
             raise ValueError("num_latents must be >= 0, drop_path in [0, 1) and head_mlp_ratio > 0")
 
@@ -367,6 +369,12 @@ class Medformer(nn.Module):
         ones, ``(B, K)`` indices into ``tokens``, when given), with the latent tokens of ``tasks`` as
         readers."""
         if visible is not None:
+            if self.config.tokenizer == "hybrid":
+                raise ValueError(
+                    "the 'hybrid' tokenizer's convolutions reach across patches, so visible tokens would "
+                    "carry masked pixels: masked encoding (MAE, masked source prediction) needs "
+                    "tokenizer 'linear' or 'conv'"
+                )
             tokens = tokens.select(visible)
         b = tokens.tokens.shape[0]
         latents = self.input_adaptformer.latents(tokens.collection, b).to(tokens.tokens.dtype)
