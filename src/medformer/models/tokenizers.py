@@ -152,10 +152,12 @@ class HybridTokenizer(nn.Module):
     CNN (BreastMNIST test AUC 0.83 against ResNet-18's 0.91); a stem of 3x3 convolutions with GroupNorm
     gives it a CNN's local inductive bias (Dosovitskiy et al. 2021, hybrid ViT; Hassani et al. 2021,
     compact convolutional transformers): 0.86 single-task, and 0.84 instead of 0.73 when it shares the
-    model with PneumoniaMNIST and AdrenalMNIST3D. ``log2(p)`` stride-2 stages
-    (two 3x3 convolutions each, widths doubling from ``width``) map a ``p``-padded image onto the same
-    grid a patch tokenizer gives, so positions, modality embeddings and dense heads are unchanged. 3D
-    starts narrower (8 channels, not 32): a full-resolution 3D convolution costs ``p`` times a 2D one.
+    model with PneumoniaMNIST and AdrenalMNIST3D.
+
+    ``log2(p)`` stride-2 stages (two 3x3 convolutions each, widths doubling from ``width``) map a
+    ``p``-padded image onto the grid a patch tokenizer gives, so positions, modality embeddings and dense
+    heads are unchanged. 3D starts narrower (8 channels, not 32): a full-resolution 3D convolution costs
+    ``p`` times a 2D one.
 
     The convolutions overlap neighbouring patches, so a token also sees pixels of its neighbours: it
     cannot encode a masked subset of tokens (MAE would leak); `Medformer.encode` refuses ``visible``.
