@@ -249,6 +249,37 @@ def test_hybrid_tokenizer_keeps_the_patch_grid_and_refuses_masked_encoding(spati
         tiny_model(tokenizer="hybrid", patch_size_2d=6)
 
 
+def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp_path) -> None:
+    """Batch-norm statistics are kept per collection (and saved); a frozen stem keeps them fixed."""
+    model = tiny_model(tokenizer="hybrid")
+    model.add_collection("bright", ndim=2)
+    stem = model.input_adaptformer.tokenizers["2d"]
+    assert "c2d" not in model.input_adaptformer.tokenizers["3d"].stats  # a 2D collection has no 3D stats
+    with pytest.raises(KeyError, match="no 3D tokenizer statistics"):
+        model.tokenize(torch.randn(2, 1, 8, 8, 8), ["T1"], collection="c2d")
+    images = torch.rand(4, 1, 16, 16)
+    model.train()
+    for _ in range(20):
+        model.tokenize(images, ["T1"], collection="c2d")
+        model.tokenize(images * 10 + 5, ["T1"], collection="bright")
+    means = {k: stem.stats[k][0].running_mean for k in ("c2d", "bright")}
+    assert means["bright"].abs().mean() > 5 * means["c2d"].abs().mean()
+    assert torch.equal(stem.shared[0].running_mean, torch.zeros_like(stem.shared[0].running_mean))
+    model.eval()
+    with torch.no_grad():
+        same = [model.tokenize(images, ["T1"], collection=c).tokens for c in ("c2d", "bright")]
+    assert not torch.allclose(*same)
+    loaded = Medformer.from_pretrained(model.save(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.tokenize(images, ["T1"], collection="bright").tokens, same[1])
+    for p in model.parameters():
+        p.requires_grad_(False)  # what linear / attentive probing does
+    model.train()
+    before = stem.stats["c2d"][0].running_mean.clone()
+    model.tokenize(images * 3, ["T1"], collection="c2d")
+    assert torch.equal(stem.stats["c2d"][0].running_mean, before)
+
+
 def test_scatter_inverts_select_and_dense_decoding_after_fill(model: Medformer) -> None:
     tokens = model.tokenize(torch.randn(2, 1, 8, 8, 8), ["T1"], collection="c3d")
     n = len(tokens)

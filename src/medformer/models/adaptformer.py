@@ -70,9 +70,14 @@ class InputAdaptformer(nn.Module):
         if check_name("modality", name) not in self.modality_embed:
             self.modality_embed[name] = _embedding(self._like(), self.dim)
 
-    def add_collection(self, name: str) -> None:
+    def add_collection(self, name: str, ndim: int | None = None) -> None:
+        """Latent tokens for the collection, and its own statistics in a tokenizer that keeps them (the
+        ``ndim`` one, or both when the collection's dimensionality is not known)."""
         if check_name("collection", name) not in self.collection_embed:
             self.collection_embed[name] = _embedding(self._like(), self.num_latents, self.dim)
+        for key, tokenizer in self.tokenizers.items():
+            if isinstance(tokenizer, HybridTokenizer) and ndim in (None, int(key[0])):
+                tokenizer.add_collection(name)
 
     def add_task(self, key: str) -> None:
         if check_name("task", key) not in self.task_embed:
@@ -128,7 +133,9 @@ class InputAdaptformer(nn.Module):
             images = images.masked_fill(~present.view(b, -1, *[1] * ndim), 0.0)  # even NaN becomes 0
 
         tokenizer = self.tokenizers[f"{ndim}d"]
-        tokens, grid = tokenizer(images)  # (B, M', G, D)
+        tokens, grid = (  # (B, M', G, D)
+            tokenizer(images, collection) if isinstance(tokenizer, HybridTokenizer) else tokenizer(images)
+        )
         g = tokens.shape[2]
         pos = sincos_position_embedding(grid, self.dim, tokens.device, tokens.dtype)
         mod = torch.stack([self.modality_embed[name] for name in modalities])  # (M', D)

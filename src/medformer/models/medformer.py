@@ -171,6 +171,8 @@ _UNIT_PREFIXES = (
     ("input_adaptformer.collection_embed.", "collection"),
     ("input_adaptformer.modality_embed.", "modality"),
     ("input_adaptformer.templates.volumes.", "template"),
+    ("input_adaptformer.tokenizers.2d.stats.", "collection"),
+    ("input_adaptformer.tokenizers.3d.stats.", "collection"),
 )
 
 
@@ -290,7 +292,7 @@ class Medformer(nn.Module):
         known = self.collections.get(collection)
         if known is not None and ndim is not None and known != ndim:
             raise ValueError(f"collection {collection!r} is registered as {known}D, not {ndim}D")
-        self.input_adaptformer.add_collection(collection)
+        self.input_adaptformer.add_collection(collection, ndim if ndim is not None else known)
         self.collections[collection] = ndim if ndim is not None else known
 
     @staticmethod
