@@ -50,7 +50,7 @@ EPOCHS = {
 RESNET_BATCH = {"breastmnist": 32, "pneumoniamnist": 128, "adrenalmnist3d": 128}
 # Medformer: ViT-tiny width, 6 blocks, the hybrid tokenizer (a CNN stem onto a patch-4 grid in 2D, 8 in
 # 3D). In the multitask model it lifted BreastMNIST's test AUC from 0.73 (linear patch-7 tokens, 12
-# blocks) to 0.84 and PneumoniaMNIST's from 0.93 to 0.95 (3 seeds); see docs/training.md.
+# blocks) to 0.88 and PneumoniaMNIST's from 0.93 to 0.95 (3 seeds); see docs/training.md.
 MEDFORMER = {"preset": "tiny", "depth": 6, "tokenizer": "hybrid", "patch_size_2d": 4, "patch_size_3d": 8}
 # Multitask steps: 3 batches of 32, each from a set drawn on its own, accumulated into one step, so most
 # steps mix the sets. With one set per step (batch 64), the 2D sets stayed at their prior's loss for
