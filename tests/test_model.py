@@ -250,7 +250,7 @@ def test_hybrid_tokenizer_keeps_the_patch_grid_and_refuses_masked_encoding(spati
 
 
 def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp_path) -> None:
-    """Batch-norm statistics are kept per collection (and saved); a frozen stem keeps them fixed."""
+    """Batch-norm statistics are kept per collection (and saved); a frozen stem still estimates them."""
     model = tiny_model(tokenizer="hybrid")
     model.add_collection("bright", ndim=2)
     stem = model.input_adaptformer.tokenizers["2d"]
@@ -274,10 +274,10 @@ def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp
         torch.testing.assert_close(loaded.tokenize(images, ["T1"], collection="bright").tokens, same[1])
     for p in model.parameters():
         p.requires_grad_(False)  # what linear / attentive probing does
+    model.add_collection("new", ndim=2)
     model.train()
-    before = stem.stats["c2d"][0].running_mean.clone()
-    model.tokenize(images * 3, ["T1"], collection="c2d")
-    assert torch.equal(stem.stats["c2d"][0].running_mean, before)
+    model.tokenize(images * 3, ["T1"], collection="new")
+    assert stem.stats["new"][0].running_mean.abs().sum() > 0, "a frozen stem still learns new statistics"
 
 
 def test_scatter_inverts_select_and_dense_decoding_after_fill(model: Medformer) -> None:

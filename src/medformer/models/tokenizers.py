@@ -163,6 +163,8 @@ class HybridTokenizer(nn.Module):
     (GroupNorm) erases what a whole image has in common, such as the size of an AdrenalMNIST3D gland
     (validation AUC <= 0.59 with it, 0.83 with batch norm); one set of statistics shared by ultrasound and
     X-ray normalises each with the other's moments at test time. Images of no collection use ``shared``.
+    Statistics follow the module's train/eval mode, not ``requires_grad``: a frozen stem (linear probing)
+    still estimates the statistics of a collection it was not pre-trained on, as AdaBN does.
 
     The convolutions overlap neighbouring patches, so a token also sees pixels of its neighbours: it
     cannot encode a masked subset of tokens (MAE would leak); `Medformer.encode` refuses ``visible``.
@@ -196,14 +198,6 @@ class HybridTokenizer(nn.Module):
         """Give a collection its own running statistics (idempotent)."""
         if name not in self.stats:
             self.stats[name] = self._statistics()
-
-    def train(self, mode: bool = True) -> HybridTokenizer:
-        """A frozen stem (linear / attentive probing) keeps its running statistics as they were learnt."""
-        super().train(mode)
-        if mode and not any(p.requires_grad for p in self.parameters()):
-            self.stats.eval()
-            self.shared.eval()
-        return self
 
     def forward(self, images: Tensor, collection: str | None = None) -> tuple[Tensor, tuple[int, ...]]:
         """``(B, M, *spatial)`` -> tokens ``(B, M, G, dim)`` and the grid shape (after padding)."""
