@@ -15,6 +15,7 @@ from medformer.config import TrainConfig, load_config
 from medformer.errors import ConfigError
 from medformer.train import NonFiniteLossError, fit
 from medformer.train.checkpoint import load_state, read_weights
+from medformer.train.ema import EMA
 from medformer.train.optim import WarmupCosine, default_param_groups
 
 QUIET = {"progress": False, "checkpoint_every": None}
@@ -155,6 +156,23 @@ def test_ema_weights_are_evaluated_and_saved(tmp_path):
     assert all(torch.equal(evaluated[-1][k], ema[k]) for k in ema)  # evaluation saw the EMA weights
     assert all(torch.equal(v, read_weights(tmp_path / "model")[k]) for k, v in raw.items())
     assert result.ema_dir == tmp_path / "model_ema"
+
+
+def test_ema_decay_warms_up_so_the_average_forgets_the_initialisation():
+    model = torch.nn.Linear(3, 1, bias=False)
+    start = model.weight.detach().clone()
+    ema = EMA(model, decay=0.99)
+    assert [ema.decay_at(t) for t in (0, 10, 1000)] == [0.1, 11 / 20, 0.99]
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model, step=0)
+    with ema.applied(model):
+        assert torch.allclose(model.weight, 0.1 * start + 0.9)  # 90% the new weights after step 0
+    for t in range(1, 200):
+        ema.update(model, step=t)
+    with ema.applied(model):  # a fixed 0.99 would still hold 0.99^200 = 13% of the initialisation
+        assert torch.allclose(model.weight, torch.ones(1, 3), atol=1e-3)
+    assert torch.equal(model.weight, torch.ones(1, 3))  # the training weights are back
 
 
 def test_metrics_jsonl_and_best_model(tmp_path):

@@ -320,7 +320,7 @@ class Trainer:
         self.scaler.update()
         self._end_step()
         if self.ema is not None:
-            self.ema.update(model)
+            self.ema.update(model, self.step)
 
     def _end_step(self) -> None:
         with warnings.catch_warnings():  # fp16: GradScaler skips optimizer.step after an overflow, on purpose
