@@ -33,11 +33,11 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-def tiny_model(seed: int = 0, dim: int = 32, depth: int = 2) -> Medformer:
+def tiny_model(seed: int = 0, dim: int = 32, depth: int = 2, tokenizer: str = "linear") -> Medformer:
     """Two collections (2D and 3D), two modalities, patch size 4 in both dimensionalities."""
     torch.manual_seed(seed)
     model = Medformer(
-        MedformerConfig(dim=dim, depth=depth, heads=2, patch_size_2d=4, patch_size_3d=4),
+        MedformerConfig(dim=dim, depth=depth, heads=2, patch_size_2d=4, patch_size_3d=4, tokenizer=tokenizer),
         modalities=MODALITIES,
     )
     model.add_collection("c2d", 2)

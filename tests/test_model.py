@@ -222,9 +222,9 @@ def test_conv_tokenizer_keeps_patches_apart_and_round_trips(spatial, tmp_path) -
 
 
 @pytest.mark.parametrize("spatial", [(16, 16), (9, 9, 9)], ids=["2d", "3d"])
-def test_hybrid_tokenizer_keeps_the_patch_grid_and_refuses_masked_encoding(spatial, tmp_path) -> None:
-    """The CNN stem lands on the patch tokenizer's grid; its tokens see neighbouring patches, so
-    encoding a visible subset is refused rather than silently leaking masked pixels."""
+def test_hybrid_tokenizer_keeps_the_patch_grid_and_hides_masked_patches(spatial, tmp_path) -> None:
+    """The CNN stem lands on the patch tokenizer's grid; its tokens see neighbouring patches, so a
+    visible subset is encoded from images whose hidden patches are zeroed."""
     hybrid = tiny_model(tokenizer="hybrid")
     linear = tiny_model(tokenizer="linear")
     images = torch.randn(2, 1, *spatial)
@@ -236,8 +236,10 @@ def test_hybrid_tokenizer_keeps_the_patch_grid_and_refuses_masked_encoding(spati
         b = hybrid.tokenize(other, ["T1"])
     changed = (a.tokens - b.tokens).abs().amax(dim=(0, 2)) > 0
     assert changed[1] and changed[0], "the first cell's token should see its neighbour through the stem"
-    with pytest.raises(ValueError, match="hybrid"):
-        hybrid.encode(a, torch.tensor([[0], [0]]))
+    with torch.no_grad():  # only the first cell visible: its neighbour's change no longer reaches it
+        seen_a, seen_b = (hybrid.encode(t, torch.tensor([[0], [0]])).tokens for t in (a, b))
+        assert torch.equal(seen_a, seen_b)
+        assert not torch.equal(seen_a, hybrid.encode(a, torch.tensor([[1], [1]])).tokens)
     loaded = Medformer.from_pretrained(hybrid.save(tmp_path / "m")).eval()
     assert loaded.config.tokenizer == "hybrid"
     col = "c2d" if len(spatial) == 2 else "c3d"

@@ -32,7 +32,7 @@ from medformer.models.adaptformer import InputAdaptformer, OutputAdaptformer, ch
 from medformer.models.body import PRESETS, Body
 from medformer.models.heads import OrdinalMode, make_head
 from medformer.models.templates import Align, ModalityTemplates
-from medformer.models.tokenizers import Encoded, TokenSet
+from medformer.models.tokenizers import Encoded, TokenSet, tokens_to_image
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,8 @@ class MedformerConfig:
     head_mlp_ratio: float = 1.0
     dense_channels: int = 16
     # "linear" patches; "conv": plus a patch-local CNN (tokenizers.ConvPatchTokenizer); "hybrid": a CNN
-    # stem over the whole image (tokenizers.HybridTokenizer), best from scratch on small sets, but no MAE
+    # stem over the whole image (tokenizers.HybridTokenizer), best from scratch on small sets; it encodes a
+    # masked subset from images whose hidden patches are zeroed (`_hide`)
     tokenizer: str = "linear"
     drop_path: float = 0.0
     checkpointing: bool = False
@@ -366,17 +367,25 @@ class Medformer(nn.Module):
         """(a) images ``(B, M, *spatial)`` -> `TokenSet` (see `InputAdaptformer.tokenize`)."""
         return self.input_adaptformer.tokenize(images, tuple(modalities), present, collection)
 
+    def _hide(self, tokens: TokenSet, visible: Tensor) -> TokenSet:
+        """The tokens again, from images whose hidden patches (all but ``visible``) are zeroed.
+
+        The hybrid stem's convolutions reach across patches, so a visible token tokenized from the whole
+        image would carry its hidden neighbours' pixels; zeroing them at the input first is how SimMIM and
+        ConvNeXt V2 mask a CNN. Costs a second pass of the stem, not of the body.
+        """
+        seen = torch.zeros(tokens.tokens.shape[:2], device=tokens.images.device, dtype=tokens.images.dtype)
+        seen = seen.scatter(1, visible.to(seen.device, torch.long), 1.0)
+        keep = tokens_to_image(seen[..., None].expand(-1, -1, tokens.patch_size**tokens.ndim), tokens)
+        return self.tokenize(tokens.images * keep, tokens.modalities, tokens.present, tokens.collection)
+
     def encode(self, tokens: TokenSet, visible: Tensor | None = None, tasks: Sequence[str] = ()) -> Encoded:
         """(b, c) Run the body on the collection's latent tokens and the patch tokens (only the ``visible``
         ones, ``(B, K)`` indices into ``tokens``, when given), with the latent tokens of ``tasks`` as
         readers."""
         if visible is not None:
             if self.config.tokenizer == "hybrid":
-                raise ValueError(
-                    "the 'hybrid' tokenizer's convolutions reach across patches, so visible tokens would "
-                    "carry masked pixels: masked encoding (MAE, masked source prediction) needs "
-                    "tokenizer 'linear' or 'conv'"
-                )
+                tokens = self._hide(tokens, visible)
             tokens = tokens.select(visible)
         b = tokens.tokens.shape[0]
         latents = self.input_adaptformer.latents(tokens.collection, b).to(tokens.tokens.dtype)

@@ -166,8 +166,8 @@ class HybridTokenizer(nn.Module):
     Statistics follow the module's train/eval mode, not ``requires_grad``: a frozen stem (linear probing)
     still estimates the statistics of a collection it was not pre-trained on, as AdaBN does.
 
-    The convolutions overlap neighbouring patches, so a token also sees pixels of its neighbours: it
-    cannot encode a masked subset of tokens (MAE would leak); `Medformer.encode` refuses ``visible``.
+    The convolutions overlap neighbouring patches, so a token also sees pixels of its neighbours: to
+    encode a masked subset (MAE), `Medformer.encode` tokenizes again with the hidden patches zeroed.
     """
 
     def __init__(self, ndim: int, patch_size: int, dim: int, width: int | None = None):
@@ -305,3 +305,10 @@ class Encoded:
                 f"(encoded: {sorted(self.task_tokens)})"
             )
         return self.task_tokens[key]
+
+
+def tokens_to_image(values: Tensor, tokens: TokenSet) -> Tensor:
+    """Per-token patch values ``(B, N, p^d)`` back to images ``(B, M, *spatial)`` (padding cropped)."""
+    b, m = values.shape[0], len(tokens.modalities)
+    x = unpatchify(values.reshape(b, m, tokens.num_patches, -1), tokens.grid, tokens.patch_size)
+    return x[(..., *[slice(0, s) for s in tokens.spatial])]

@@ -36,7 +36,7 @@ from medformer.models.tokenizers import (
     patchify,
     scatter_tokens,
     sincos_position_embedding,
-    unpatchify,
+    tokens_to_image,
 )
 from medformer.pretext.base import PretextTask
 from medformer.pretext.masking import Masking, make_masking
@@ -54,13 +54,6 @@ def normalise_patches(target: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor
     mean = target.mean(dim=-1, keepdim=True)
     std = (target.var(dim=-1, keepdim=True) + eps).sqrt()
     return (target - mean) / std, mean, std
-
-
-def tokens_to_image(values: Tensor, tokens: TokenSet) -> Tensor:
-    """Per-token patch values ``(B, N, p^d)`` back to images ``(B, M, *spatial)`` (padding cropped)."""
-    b, m = values.shape[0], len(tokens.modalities)
-    x = unpatchify(values.reshape(b, m, tokens.num_patches, -1), tokens.grid, tokens.patch_size)
-    return x[(..., *[slice(0, s) for s in tokens.spatial])]
 
 
 def pixel_mask(masking: Masking, tokens: TokenSet) -> Tensor:
