@@ -257,6 +257,7 @@ def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp
     model.add_collection("bright", ndim=2)
     stem = model.input_adaptformer.tokenizers["2d"]
     assert "c2d" not in model.input_adaptformer.tokenizers["3d"].stats  # a 2D collection has no 3D stats
+    assert "c3d" in stem.stats  # a 3D collection's slices are 2D images of it
     with pytest.raises(KeyError, match="no 3D tokenizer statistics"):
         model.tokenize(torch.randn(2, 1, 8, 8, 8), ["T1"], collection="c2d")
     images = torch.rand(4, 1, 16, 16)

@@ -71,8 +71,9 @@ def test_random_slices_cut_the_drawn_slice():
         assert index.min() >= round(size * 0.25) and index.max() < size - round(size * 0.25)
 
 
-def test_cross_dimensional_skips_2d_batches_and_scores_3d_ones():
-    model = tiny_model()
+@pytest.mark.parametrize("tokenizer", ["linear", "hybrid"])  # hybrid: slices use the 3D collection's 2D stats
+def test_cross_dimensional_skips_2d_batches_and_scores_3d_ones(tokenizer):
+    model = tiny_model(tokenizer=tokenizer)
     task = CrossDimensional(axis=0)
     Pretrainer(model, [task])
     assert task(model, batch(2)) == (None, {})

@@ -71,12 +71,13 @@ class InputAdaptformer(nn.Module):
             self.modality_embed[name] = _embedding(self._like(), self.dim)
 
     def add_collection(self, name: str, ndim: int | None = None) -> None:
-        """Latent tokens for the collection, and its own statistics in a tokenizer that keeps them (the
-        ``ndim`` one, or both when the collection's dimensionality is not known)."""
+        """Latent tokens for the collection, and its own statistics in a tokenizer that keeps them: the 2D
+        one for a 2D collection; both for a 3D one (its slices are 2D images: cross-dimensional
+        consistency reads them) or when the collection's dimensionality is not known."""
         if check_name("collection", name) not in self.collection_embed:
             self.collection_embed[name] = _embedding(self._like(), self.num_latents, self.dim)
         for key, tokenizer in self.tokenizers.items():
-            if isinstance(tokenizer, HybridTokenizer) and ndim in (None, int(key[0])):
+            if isinstance(tokenizer, HybridTokenizer) and int(key[0]) <= (ndim or 3):
                 tokenizer.add_collection(name)
 
     def add_task(self, key: str) -> None:

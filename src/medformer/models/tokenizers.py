@@ -162,7 +162,8 @@ class HybridTokenizer(nn.Module):
     (Li et al. 2016, AdaBN; Chang et al. 2019, domain-specific batch norm). Per-sample normalisation
     (GroupNorm) erases what a whole image has in common, such as the size of an AdrenalMNIST3D gland
     (validation AUC <= 0.59 with it, 0.83 with batch norm); one set of statistics shared by ultrasound and
-    X-ray normalises each with the other's moments at test time. Images of no collection use ``shared``.
+    X-ray normalises each with the other's moments at test time. Images of no collection use ``shared``;
+    a 3D collection has 2D statistics too, for its slices.
     Statistics follow the module's train/eval mode, not ``requires_grad``: a frozen stem (linear probing)
     still estimates the statistics of a collection it was not pre-trained on, as AdaBN does.
 
