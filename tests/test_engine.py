@@ -217,6 +217,13 @@ def test_config_needs_a_length():
         fit(Linear2D(), [Supervised()], datasets(n3d=0), TrainConfig(), "unused")
 
 
+def test_sampling_shares_name_the_collections(tmp_path):
+    cfg = load_config(TrainConfig, None, ["steps=1", "strategy={c2d: 1, c3d: 2}"])  # as --set gives it
+    assert cfg.strategy == {"c2d": 1.0, "c3d": 2.0}
+    with pytest.raises(ConfigError, match=r"train.strategy: .*\['c2d', 'c3d'\]"):
+        fit(Linear2D(), [Supervised()], datasets(), cfg.model_copy(update={"strategy": {"c2d": 1}}), tmp_path)
+
+
 def test_epochs_set_the_number_of_steps(tmp_path):
     # 16 studies, batches of 4 -> 4 batches per epoch; 2 per step -> 2 steps per epoch
     cfg = TrainConfig(epochs=1.5, batch_size=4, grad_accum=2, log_every=1, **QUIET)

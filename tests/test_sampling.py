@@ -24,6 +24,13 @@ def test_strategies_draw_collections_as_specified():
     assert _fractions("uniform") == pytest.approx(0.5, abs=0.03)
     expected = 900**0.5 / (900**0.5 + 100**0.5)  # temperature 2
     assert _fractions("temperature", temperature=2.0) == pytest.approx(expected, abs=0.03)
+    assert _fractions({"big": 1.0, "small": 3.0}) == pytest.approx(0.25, abs=0.03)
+
+
+@pytest.mark.parametrize("shares", [{"big": 1.0}, {"big": 1.0, "small": 0.0}, {"big": 1, "small": 1, "x": 1}])
+def test_fixed_shares_must_cover_each_collection_with_a_positive_share(shares):
+    with pytest.raises(ValueError, match="a share > 0"):
+        MultiCollectionSampler(SIZES, batch_size=4, strategy=shares)
 
 
 def test_proportional_epoch_covers_each_study_once():

@@ -118,7 +118,8 @@ class TrainConfig(Section):
     epochs: float | None = Field(None, gt=0)  # steps = ceil(epochs * batches per epoch / grad_accum)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun with CUDA: cuda:LOCAL_RANK
     batch_size: int = Field(32, ge=1)
-    strategy: Literal["proportional", "uniform", "temperature"] = "proportional"
+    # which collection each micro-batch comes from; or fixed shares {collection name: share}
+    strategy: Literal["proportional", "uniform", "temperature"] | dict[str, float] = "proportional"
     temperature: float = Field(2.0, gt=0)
     num_workers: int = Field(0, ge=0)
     lr: float = Field(1e-3, gt=0)

@@ -4,7 +4,9 @@ Which collection the next batch comes from is drawn with probability
 
 - ``proportional``: p_c ~ n_c (every study seen about once per epoch),
 - ``uniform``: p_c = 1 / K (small collections are revisited more often),
-- ``temperature``: p_c ~ n_c ** (1 / T) (between the two; T=1 is proportional).
+- ``temperature``: p_c ~ n_c ** (1 / T) (between the two; T=1 is proportional),
+- a mapping ``{name: share}``: p_c ~ share_c, fixed shares chosen by hand (e.g. less of a small set that
+  overfits, more of one still learning when the others have converged).
 
 Distributed mode: all ranks draw the same global sequence (same seed) of batches of
 ``batch_size * world_size`` indices and rank r keeps ``indices[r::world_size]``. So every rank works on
@@ -33,7 +35,7 @@ class MultiCollectionSampler:
         self,
         sizes: Mapping[str, int],
         batch_size: int,
-        strategy: Strategy = "proportional",
+        strategy: Strategy | Mapping[str, float] = "proportional",
         temperature: float = 2.0,
         seed: int = 0,
         rank: int = 0,
@@ -58,9 +60,14 @@ class MultiCollectionSampler:
         self.epoch = 0
         self.start = 0  # batches of the current epoch already consumed (for exact resume)
 
-    def _probabilities(self, strategy: Strategy, temperature: float) -> np.ndarray:
+    def _probabilities(self, strategy: Strategy | Mapping[str, float], temperature: float) -> np.ndarray:
         n = self.sizes.astype(np.float64)
-        if strategy == "proportional":
+        if isinstance(strategy, Mapping):
+            if set(strategy) != set(self.names) or any(not v > 0 for v in strategy.values()):
+                shares, names = dict(strategy), self.names
+                raise ValueError(f"sampling shares {shares} must give every collection {names} a share > 0")
+            w = np.array([float(strategy[name]) for name in self.names])
+        elif strategy == "proportional":
             w = n
         elif strategy == "uniform":
             w = np.ones_like(n)

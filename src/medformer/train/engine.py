@@ -179,10 +179,13 @@ class Trainer:
         seed_everything(config.seed + info.rank)  # each rank its own dropout / augmentation draws
 
         # data: every rank draws the same global batches and keeps its share
-        self.sampler = MultiCollectionSampler(
-            {name: len(ds) for name, ds in datasets.items()}, config.batch_size, config.strategy,
-            config.temperature, seed=config.seed, rank=info.rank, world_size=info.world_size,
-        )  # fmt: skip
+        try:
+            self.sampler = MultiCollectionSampler(
+                {name: len(ds) for name, ds in datasets.items()}, config.batch_size, config.strategy,
+                config.temperature, seed=config.seed, rank=info.rank, world_size=info.world_size,
+            )  # fmt: skip
+        except ValueError as e:
+            raise ConfigError(f"train.strategy: {e}") from e
         loader = multi_collection_loader(datasets, self.sampler, config.num_workers, device.type == "cuda")
         self.stream = BatchStream(loader, self.sampler, info.rank)
         per_epoch = len(self.sampler) / config.grad_accum
