@@ -99,6 +99,7 @@ class FinetuneSection(Section):
     label_fraction: float = Field(1.0, gt=0, le=1)
     label_seed: int = 0
     tasks: list[str] | None = None  # task names to train (default: every task of the collections)
+    mixup: float = Field(0.0, ge=0)  # Beta(alpha, alpha) of mixup (medformer.data.mixup); 0: off
 
 
 class EvalConfig(Section):

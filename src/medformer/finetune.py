@@ -223,7 +223,7 @@ def run_finetune(config: FinetuneConfig, resume: bool = False, progress: bool = 
     augment = templates_for_finetuning(
         model, config.templates.fill_missing, config.templates.mix, Augment(config.augment)
     )
-    objective = SupervisedObjective(targets_scale=scales, augment=augment)
+    objective = SupervisedObjective(targets_scale=scales, augment=augment, mixup=config.finetune.mixup)
     train = config.train.model_copy(
         update={
             "seed": config.seed,

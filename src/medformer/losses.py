@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from medformer.data.mixup import mixup
 from medformer.data.study import TaskSpec
 
 
@@ -59,7 +60,9 @@ class SupervisedObjective:
     ``tasks``: task keys to train (default: all the model's tasks for the batch's collection);
     ``task_weights``: optional per-key weights. Regression targets can be standardised with
     ``targets_scale = {key: (mean, std)}`` so their loss is on the scale of the others. ``augment``
-    (e.g. `medformer.data.augment.Augment`) is applied to each training batch first.
+    (e.g. `medformer.data.augment.Augment`) is applied to each training batch first; then, with
+    ``mixup`` = alpha > 0, each study is mixed with another of the batch (`medformer.data.mixup`) and
+    every task's loss is ``lam * loss(y) + (1 - lam) * loss(y[perm])`` over the studies labelled in both.
     """
 
     name = "supervised"
@@ -70,11 +73,13 @@ class SupervisedObjective:
         task_weights: Mapping[str, float] | None = None,
         targets_scale: Mapping[str, tuple[float, float]] | None = None,
         augment: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None = None,
+        mixup: float = 0.0,
     ):
         self.tasks = tasks
         self.task_weights = dict(task_weights or {})
         self.targets_scale = dict(targets_scale or {})
         self.augment = augment
+        self.mixup = mixup
 
     def __call__(self, model: nn.Module, batch: Mapping[str, Any]) -> tuple[Tensor | None, dict[str, float]]:
         keys = model.tasks_for(batch["collection"], batch["images"].dim() - 2)
@@ -90,17 +95,29 @@ class SupervisedObjective:
             return None, {}
         if self.augment is not None:
             batch = self.augment(batch)
+        perm, lam = None, 1.0
+        if self.mixup > 0:
+            batch, perm, lam = mixup(batch, self.mixup)
         outputs = model(batch, tasks=list(labelled))
         total: Tensor | None = None
         logs: dict[str, float] = {}
         for key, mask in labelled.items():
             spec = task_spec(model, key)
-            target = batch["labels"][spec.key][mask]
+            ordinal = getattr(model.tasks[key], "ordinal", "classes")
+            labels = batch["labels"][spec.key]
             if key in self.targets_scale:
                 mean, std = self.targets_scale[key]
-                target = (target - mean) / std
-            ordinal = getattr(model.tasks[key], "ordinal", "classes")
-            loss = task_loss(spec, outputs[key][mask], target, ordinal)
+                labels = (labels - mean) / std
+            if perm is None:
+                loss = task_loss(spec, outputs[key][mask], labels[mask], ordinal)
+            else:
+                mask = mask & mask[perm]
+                if not bool(mask.any()):
+                    continue
+                out = outputs[key][mask]
+                loss = lam * task_loss(spec, out, labels[mask], ordinal) + (1 - lam) * task_loss(
+                    spec, out, labels[perm][mask], ordinal
+                )
             logs[f"loss/{key}"] = float(loss.detach())
             weighted = self.task_weights.get(key, 1.0) * loss
             total = weighted if total is None else total + weighted
