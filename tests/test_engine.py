@@ -220,6 +220,8 @@ def test_config_needs_a_length():
 def test_sampling_shares_name_the_collections(tmp_path):
     cfg = load_config(TrainConfig, None, ["steps=1", "strategy={c2d: 1, c3d: 2}"])  # as --set gives it
     assert cfg.strategy == {"c2d": 1.0, "c3d": 2.0}
+    scheduled = load_config(TrainConfig, None, ["steps=1", "strategy={c2d: [1, 0.5], c3d: 2}"])
+    assert scheduled.strategy == {"c2d": [1.0, 0.5], "c3d": 2.0}
     with pytest.raises(ConfigError, match=r"train.strategy: .*\['c2d', 'c3d'\]"):
         fit(Linear2D(), [Supervised()], datasets(), cfg.model_copy(update={"strategy": {"c2d": 1}}), tmp_path)
 

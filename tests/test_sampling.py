@@ -27,10 +27,35 @@ def test_strategies_draw_collections_as_specified():
     assert _fractions({"big": 1.0, "small": 3.0}) == pytest.approx(0.25, abs=0.03)
 
 
-@pytest.mark.parametrize("shares", [{"big": 1.0}, {"big": 1.0, "small": 0.0}, {"big": 1, "small": 1, "x": 1}])
-def test_fixed_shares_must_cover_each_collection_with_a_positive_share(shares):
-    with pytest.raises(ValueError, match="a share > 0"):
+@pytest.mark.parametrize(
+    ("shares", "problem"),
+    [
+        ({"big": 1.0}, "must name every collection"),
+        ({"big": 1, "small": 1, "x": 1}, "must name every collection"),
+        ({"big": 1.0, "small": 0.0}, "> 0 in some epoch"),
+        ({"big": 1.0, "small": [0.5, -0.1]}, "must be >= 0"),
+        ({"big": [0, 1], "small": [0, 1]}, "leave epoch 0 with no collection"),
+    ],
+)
+def test_shares_must_cover_each_collection_with_a_positive_share(shares, problem):
+    with pytest.raises(ValueError, match=problem):
         MultiCollectionSampler(SIZES, batch_size=4, strategy=shares)
+
+
+def test_share_schedule_changes_the_draws_epoch_by_epoch_and_survives_resume():
+    shares = {"big": [1.0, 1.0, 3.0], "small": [0.0, 1.0, 1.0]}  # small joins in epoch 1; epoch 2 holds
+    s = MultiCollectionSampler(SIZES, batch_size=4, strategy=shares, num_batches=2000, seed=5)
+    fractions = [Counter(name for name, _ in s)["big"] / 2000 for _ in range(4)]
+    assert fractions[0] == 1.0
+    assert fractions[1] == pytest.approx(0.5, abs=0.04)
+    assert fractions[2] == pytest.approx(0.75, abs=0.04) and fractions[3] == pytest.approx(0.75, abs=0.04)
+    # a sampler restored mid-epoch 1 draws the rest of that epoch exactly as the first one did
+    ref = MultiCollectionSampler(SIZES, batch_size=4, strategy=shares, num_batches=2000, seed=5)
+    ref.set_epoch(1)
+    expected = [n for n, _ in ref]
+    resumed = MultiCollectionSampler(SIZES, batch_size=4, strategy=shares, num_batches=2000, seed=5)
+    resumed.load_state_dict({"epoch": 1, "start": 700, "seed": 5})
+    assert [n for n, _ in resumed] == expected[700:]
 
 
 def test_proportional_epoch_covers_each_study_once():

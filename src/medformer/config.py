@@ -119,8 +119,11 @@ class TrainConfig(Section):
     epochs: float | None = Field(None, gt=0)  # steps = ceil(epochs * batches per epoch / grad_accum)
     device: Literal["auto", "cpu", "cuda"] = "auto"  # under torchrun with CUDA: cuda:LOCAL_RANK
     batch_size: int = Field(32, ge=1)
-    # which collection each micro-batch comes from; or fixed shares {collection name: share}
-    strategy: Literal["proportional", "uniform", "temperature"] | dict[str, float] = "proportional"
+    # which collection each micro-batch comes from; or shares {collection name: share}, where a share may
+    # be a list, one per epoch (the last holds): see medformer.data.sampling
+    strategy: Literal["proportional", "uniform", "temperature"] | dict[str, float | list[float]] = (
+        "proportional"
+    )
     temperature: float = Field(2.0, gt=0)
     num_workers: int = Field(0, ge=0)
     lr: float = Field(1e-3, gt=0)

@@ -6,7 +6,11 @@ Which collection the next batch comes from is drawn with probability
 - ``uniform``: p_c = 1 / K (small collections are revisited more often),
 - ``temperature``: p_c ~ n_c ** (1 / T) (between the two; T=1 is proportional),
 - a mapping ``{name: share}``: p_c ~ share_c, fixed shares chosen by hand (e.g. less of a small set that
-  overfits, more of one still learning when the others have converged).
+  overfits, more of one still learning when the others have converged),
+- a mapping ``{name: [share of epoch 0, share of epoch 1, ...]}``: shares that change epoch by epoch (the
+  last one holds for the rest of the run; a single number is a fixed share). A set that peaks early and
+  then overfits can be drawn often at first and rarely later, while a slow one gets its turn. A share
+  of 0 leaves a collection out of an epoch.
 
 Distributed mode: all ranks draw the same global sequence (same seed) of batches of
 ``batch_size * world_size`` indices and rank r keeps ``indices[r::world_size]``. So every rank works on
@@ -16,7 +20,7 @@ are disjoint.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -26,6 +30,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from medformer.data.dataset import collate
 
 Strategy = Literal["proportional", "uniform", "temperature"]
+Shares = Mapping[str, float | Sequence[float]]
 
 
 class MultiCollectionSampler:
@@ -35,7 +40,7 @@ class MultiCollectionSampler:
         self,
         sizes: Mapping[str, int],
         batch_size: int,
-        strategy: Strategy | Mapping[str, float] = "proportional",
+        strategy: Strategy | Shares = "proportional",
         temperature: float = 2.0,
         seed: int = 0,
         rank: int = 0,
@@ -54,28 +59,40 @@ class MultiCollectionSampler:
         self.rank, self.world_size = rank, world_size
         self.seed = seed
         self.shuffle = shuffle
-        self.probs = self._probabilities(strategy, temperature)
+        self.schedule = self._schedule(strategy, temperature)  # (epochs, collections); last row holds
         # one epoch = as many global batches as the data fills (at least one per collection)
         self.num_batches = num_batches or max(int(self.sizes.sum()) // self.global_batch, len(self.names))
         self.epoch = 0
         self.start = 0  # batches of the current epoch already consumed (for exact resume)
 
-    def _probabilities(self, strategy: Strategy | Mapping[str, float], temperature: float) -> np.ndarray:
+    def _schedule(self, strategy: Strategy | Shares, temperature: float) -> np.ndarray:
         n = self.sizes.astype(np.float64)
         if isinstance(strategy, Mapping):
-            if set(strategy) != set(self.names) or any(not v > 0 for v in strategy.values()):
-                shares, names = dict(strategy), self.names
-                raise ValueError(f"sampling shares {shares} must give every collection {names} a share > 0")
-            w = np.array([float(strategy[name]) for name in self.names])
+            shares = dict(strategy)
+            if set(shares) != set(self.names):
+                raise ValueError(f"sampling shares {shares} must name every collection {self.names}")
+            rows = [np.atleast_1d(np.asarray(shares[name], dtype=np.float64)) for name in self.names]
+            if any(r.ndim != 1 or r.size == 0 or not np.all(r >= 0) or not r.any() for r in rows):
+                raise ValueError(f"sampling shares {shares} must be >= 0, and > 0 in some epoch for each one")
+            epochs = max(r.size for r in rows)
+            w = np.stack([np.pad(r, (0, epochs - r.size), mode="edge") for r in rows], 1)
+            empty = np.flatnonzero(w.sum(1) == 0)
+            if empty.size:
+                raise ValueError(f"sampling shares {shares} leave epoch {int(empty[0])} with no collection")
         elif strategy == "proportional":
-            w = n
+            w = n[None]
         elif strategy == "uniform":
-            w = np.ones_like(n)
+            w = np.ones_like(n)[None]
         elif strategy == "temperature":
-            w = n ** (1.0 / temperature)
+            w = (n ** (1.0 / temperature))[None]
         else:
             raise ValueError(f"unknown sampling strategy {strategy!r}")
-        return w / w.sum()
+        return w / w.sum(1, keepdims=True)
+
+    def probabilities(self, epoch: int | None = None) -> np.ndarray:
+        """Each collection's probability of being drawn for a batch of ``epoch`` (default: the current)."""
+        epoch = self.epoch if epoch is None else epoch
+        return self.schedule[min(epoch, len(self.schedule) - 1)]
 
     def __len__(self) -> int:
         return self.num_batches
@@ -86,7 +103,7 @@ class MultiCollectionSampler:
     def global_schedule(self) -> list[tuple[int, np.ndarray]]:
         """The epoch's batches as (collection index, global indices), identical on every rank."""
         rng = np.random.default_rng([self.seed, self.epoch])
-        which = rng.choice(len(self.names), size=self.num_batches, p=self.probs)
+        which = rng.choice(len(self.names), size=self.num_batches, p=self.probabilities())
         pools = [self._permutation(rng, n) for n in self.sizes]
         cursor = [0] * len(self.names)
         out = []
