@@ -79,6 +79,12 @@ FINETUNE = {
 # MAE style) was tried for the pre-trained arm and was worse at this budget (PneumoniaMNIST, 10% labels,
 # 150 steps: 0.71 vs 0.87 test AUC): lower layers barely move in so few steps.
 ARM_FINETUNE = {"pretrained": {"mode": "full"}, "scratch": {"mode": "full"}}
+# Mixup (alpha 0.8, finetune.mixup) in both arms: with few labels the model memorises them. Measured at
+# 10% of the labels, pre-trained arm, 3 label subsets: BreastMNIST 0.795 against 0.738 without (scratch
+# 0.747 against 0.724), PneumoniaMNIST 0.943 against 0.933, AdrenalMNIST3D 0.832 against 0.798 (scratch
+# 0.746 against 0.690). On BreastMNIST, pre-trained: a linear probe (no mixup, lr 1e-3) 0.724; with
+# mixup, 300 steps 0.760 and lr 2.5e-4 0.782.
+MIXUP = 0.8
 QUICK = {"pretrain_steps": 10, "finetune_steps": 8, "subsets": [0]}
 
 
@@ -115,7 +121,7 @@ def finetune(
         device="auto",
         output=str(work / "finetune" / dataset / f"{fraction:g}" / arm / f"subset{subset}"),
         data=[{"path": dataset}],
-        finetune={"label_fraction": fraction, "label_seed": subset, **ARM_FINETUNE[arm]},
+        finetune={"label_fraction": fraction, "label_seed": subset, "mixup": MIXUP, **ARM_FINETUNE[arm]},
     )
     tree["model"]["init"] = str(init) if arm == "pretrained" else None
     # 4 evaluations per run; quick mode logs every step so that most windows time training steps alone
@@ -239,7 +245,7 @@ def markdown(result: dict[str, Any]) -> str:
         )
     lines += [
         f"Fine-tuning steps (batch 32): {result['steps']}; recipe: {result['finetune']}; "
-        f"per arm: {ARM_FINETUNE}.",
+        f"per arm: {ARM_FINETUNE}; mixup alpha {MIXUP} in both.",
         f"Pre-training: {result['pretrain_config']}.",
         f"Machine: {result['machine']}",
         "",
