@@ -7,7 +7,7 @@ fraction (1%, 10%, 100% of the training labels, stratified) and each of three la
 fine-tuning recipe runs twice: from the pre-trained weights and from scratch. Test AUC/ACC are computed
 the MedMNIST way on the official test split; the best step is chosen on the validation split.
 
-    python benchmarks/label_efficiency.py --root ~/.medmnist            # full run (66 min on 2 CPU cores)
+    python benchmarks/label_efficiency.py --root ~/.medmnist            # full run (64 min on 2 CPU cores)
     python benchmarks/label_efficiency.py --root ~/.medmnist --quick    # pipeline check (minutes)
     python benchmarks/label_efficiency.py --resume                      # continue an interrupted run
 
