@@ -251,6 +251,26 @@ def test_hybrid_tokenizer_keeps_the_patch_grid_and_hides_masked_patches(spatial,
         tiny_model(tokenizer="hybrid", patch_size_2d=6)
 
 
+def test_hybrid_3d_stem_width_is_a_saved_setting(tmp_path) -> None:
+    """``stem_width_3d`` widens only the 3D stem, and a saved model comes back with the same stem."""
+    from medformer.config import ModelConfig
+    from medformer.finetune import build_model
+
+    model = tiny_model(tokenizer="hybrid", stem_width_3d=4)
+    stems = model.input_adaptformer.tokenizers
+    assert stems["3d"].widths[:3] == [4, 8, 8] and stems["2d"].widths[0] == 32
+    images = torch.randn(2, 1, 9, 9, 9)
+    loaded = Medformer.from_pretrained(model.save(tmp_path / "m")).eval()
+    with torch.no_grad():
+        out, ref = loaded(images, ["T1"], collection="c3d"), model(images, ["T1"], collection="c3d")
+    for key in ref:
+        torch.testing.assert_close(out[key], ref[key])
+    built = build_model(ModelConfig(tokenizer="hybrid", depth=1, stem_width_3d=16), [])
+    assert built.input_adaptformer.tokenizers["3d"].convs[0].out_channels == 16
+    with pytest.raises(ValueError, match="stem_width_3d"):
+        tiny_model(tokenizer="hybrid", stem_width_3d=0)
+
+
 def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp_path) -> None:
     """Batch-norm statistics are kept per collection (and saved); a frozen stem still estimates them."""
     model = tiny_model(tokenizer="hybrid")

@@ -101,11 +101,9 @@ def build_model(
     if config.arch == "medformer":
         from medformer.models import Medformer, MedformerConfig
 
+        sizes = ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "tokenizer", "stem_width_3d")
         overrides = {
-            k: v
-            for k, v in config.model_dump().items()
-            if k in ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "tokenizer", "drop_path")
-            and v is not None
+            k: v for k, v in config.model_dump().items() if k in (*sizes, "drop_path") and v is not None
         }
         if config.init:
             training = {"drop_path": config.drop_path} if config.drop_path is not None else {}

@@ -48,12 +48,14 @@ class InputAdaptformer(nn.Module):
         patch_size_3d: int,
         num_latents: int = 1,
         tokenizer: str = "linear",
+        stem_width_3d: int = 8,
     ):
         super().__init__()
         self.dim, self.num_latents = dim, num_latents
         make = {"linear": PatchTokenizer, "conv": ConvPatchTokenizer, "hybrid": HybridTokenizer}[tokenizer]
+        width = {"width": stem_width_3d} if tokenizer == "hybrid" else {}
         self.tokenizers = nn.ModuleDict(
-            {"2d": make(2, patch_size_2d, dim), "3d": make(3, patch_size_3d, dim)}
+            {"2d": make(2, patch_size_2d, dim), "3d": make(3, patch_size_3d, dim, **width)}
         )
         self.modality_embed = nn.ParameterDict()
         self.collection_embed = nn.ParameterDict()

@@ -71,6 +71,8 @@ class MedformerConfig:
     # stem over the whole image (tokenizers.HybridTokenizer), best from scratch on small sets; it encodes a
     # masked subset from images whose hidden patches are zeroed (`_hide`)
     tokenizer: str = "linear"
+    # channels of the hybrid stem's first 3D convolution (doubling per stage); 2D starts at 32
+    stem_width_3d: int = 8
     drop_path: float = 0.0
     checkpointing: bool = False
 
@@ -87,6 +89,7 @@ class MedformerConfig:
             "patch_size_3d",
             "head_queries",
             "dense_channels",
+            "stem_width_3d",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -218,7 +221,7 @@ class Medformer(nn.Module):
         super().__init__()
         self.config = cfg = config or MedformerConfig()
         self.input_adaptformer = InputAdaptformer(
-            cfg.dim, cfg.patch_size_2d, cfg.patch_size_3d, cfg.num_latents, cfg.tokenizer
+            cfg.dim, cfg.patch_size_2d, cfg.patch_size_3d, cfg.num_latents, cfg.tokenizer, cfg.stem_width_3d
         )
         self.body = Body(
             cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_path, cfg.checkpointing
