@@ -69,6 +69,8 @@ MEDFORMER = {"preset": "tiny", "depth": 6, "tokenizer": "hybrid", "patch_size_2d
 # first two epochs and rarely after the fourth, BreastMNIST more and more. Test AUC over 3 seeds
 # 0.885 / 0.959 / 0.813 against 0.865 / 0.957 / 0.828 with fixed shares 0.35 / 0.45 / 0.20 (BreastMNIST
 # +0.02 on every seed; AdrenalMNIST3D within its spread over seeds), 75.3 against 79.6 min.
+# AdrenalMNIST3D keeps a share to the end: drawn in the first two epochs only, it held on seed 1 but on
+# seed 0 its validation AUC fell to 0.51 as the body drifted under the 2D sets (docs/training.md).
 MULTITASK = {
     "batch_size": 32,
     "grad_accum": 3,
