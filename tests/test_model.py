@@ -271,6 +271,38 @@ def test_hybrid_3d_stem_width_is_a_saved_setting(tmp_path) -> None:
         tiny_model(tokenizer="hybrid", stem_width_3d=0)
 
 
+def test_collection_stems_give_each_collection_its_own_trained_and_saved_stem(tmp_path) -> None:
+    """With ``collection_stems`` a batch trains only its own collection's convolutions (the projection onto
+    the tokens stays shared), and a saved model comes back with every stem."""
+    from medformer.config import ModelConfig
+    from medformer.finetune import build_model
+
+    model = tiny_model(tokenizer="hybrid", collection_stems=True)
+    model.add_collection("other", ndim=2)
+    tok = model.input_adaptformer.tokenizers["2d"]
+    assert set(tok.stems) == {"c2d", "c3d", "other"} and set(
+        model.input_adaptformer.tokenizers["3d"].stems
+    ) == {"c3d"}
+    images = torch.randn(4, 1, 8, 8)
+    model.train()
+    out = model(images, ["T1"], collection="c2d")
+    out["c2d/bin"].sum().backward()
+    assert tok.stems["c2d"].convs[0].weight.grad.abs().sum() > 0
+    assert tok.stems["other"].convs[0].weight.grad is None and tok.convs[0].weight.grad is None
+    assert tok.proj.weight.grad.abs().sum() > 0
+    model.eval()
+    with torch.no_grad():  # same image, same statistics at init: only the stems tell the collections apart
+        a = model.tokenize(images, ["T1"], collection="c2d").tokens
+        b = model.tokenize(images, ["T1"], collection="other").tokens
+    assert not torch.allclose(a, b)
+    loaded = Medformer.from_pretrained(model.save(tmp_path / "m")).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.tokenize(images, ["T1"], collection="other").tokens, b)
+    assert not tiny_model(tokenizer="hybrid").input_adaptformer.tokenizers["2d"].stems
+    built = build_model(ModelConfig(tokenizer="hybrid", depth=1, collection_stems=True), [])
+    assert built.config.collection_stems
+
+
 def test_hybrid_tokenizer_normalises_each_collection_with_its_own_statistics(tmp_path) -> None:
     """Batch-norm statistics are kept per collection (and saved); a frozen stem still estimates them."""
     model = tiny_model(tokenizer="hybrid")

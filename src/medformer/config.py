@@ -86,6 +86,7 @@ class ModelConfig(Section):
     patch_size_3d: int | None = None
     tokenizer: Literal["linear", "conv", "hybrid"] | None = None  # conv: patch-local CNN; hybrid: CNN stem
     stem_width_3d: int | None = None  # hybrid: channels of the 3D stem's first convolution (default 8)
+    collection_stems: bool | None = None  # hybrid: each collection its own stem convolutions
     drop_path: float | None = None
     checkpointing: bool = False
     init: str | None = None  # a saved model folder (pre-trained, or a run's model/ or best/)

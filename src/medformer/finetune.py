@@ -101,7 +101,8 @@ def build_model(
     if config.arch == "medformer":
         from medformer.models import Medformer, MedformerConfig
 
-        sizes = ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "tokenizer", "stem_width_3d")
+        sizes = ("dim", "depth", "heads", "patch_size_2d", "patch_size_3d", "tokenizer")
+        sizes += ("stem_width_3d", "collection_stems")
         overrides = {
             k: v for k, v in config.model_dump().items() if k in (*sizes, "drop_path") and v is not None
         }

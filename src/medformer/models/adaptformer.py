@@ -49,13 +49,17 @@ class InputAdaptformer(nn.Module):
         num_latents: int = 1,
         tokenizer: str = "linear",
         stem_width_3d: int = 8,
+        collection_stems: bool = False,
     ):
         super().__init__()
         self.dim, self.num_latents = dim, num_latents
         make = {"linear": PatchTokenizer, "conv": ConvPatchTokenizer, "hybrid": HybridTokenizer}[tokenizer]
-        width = {"width": stem_width_3d} if tokenizer == "hybrid" else {}
+        stems = {"collection_stems": collection_stems} if tokenizer == "hybrid" else {}
         self.tokenizers = nn.ModuleDict(
-            {"2d": make(2, patch_size_2d, dim), "3d": make(3, patch_size_3d, dim, **width)}
+            {
+                "2d": make(2, patch_size_2d, dim, **stems),
+                "3d": make(3, patch_size_3d, dim, **({"width": stem_width_3d, **stems} if stems else {})),
+            }
         )
         self.modality_embed = nn.ParameterDict()
         self.collection_embed = nn.ParameterDict()
@@ -73,9 +77,9 @@ class InputAdaptformer(nn.Module):
             self.modality_embed[name] = _embedding(self._like(), self.dim)
 
     def add_collection(self, name: str, ndim: int | None = None) -> None:
-        """Latent tokens for the collection, and its own statistics in a tokenizer that keeps them: the 2D
-        one for a 2D collection; both for a 3D one (its slices are 2D images: cross-dimensional
-        consistency reads them) or when the collection's dimensionality is not known."""
+        """Latent tokens for the collection, and its own statistics (and stem, with collection stems) in a
+        tokenizer that keeps them: the 2D one for a 2D collection; both for a 3D one (its slices are 2D
+        images: cross-dimensional consistency reads them) or when its dimensionality is not known."""
         if check_name("collection", name) not in self.collection_embed:
             self.collection_embed[name] = _embedding(self._like(), self.num_latents, self.dim)
         for key, tokenizer in self.tokenizers.items():

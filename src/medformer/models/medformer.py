@@ -73,6 +73,8 @@ class MedformerConfig:
     tokenizer: str = "linear"
     # channels of the hybrid stem's first 3D convolution (doubling per stage); 2D starts at 32
     stem_width_3d: int = 8
+    # hybrid: each collection its own stem convolutions (ultrasound and X-ray need different edges)
+    collection_stems: bool = False
     drop_path: float = 0.0
     checkpointing: bool = False
 
@@ -177,6 +179,8 @@ _UNIT_PREFIXES = (
     ("input_adaptformer.templates.volumes.", "template"),
     ("input_adaptformer.tokenizers.2d.stats.", "collection"),
     ("input_adaptformer.tokenizers.3d.stats.", "collection"),
+    ("input_adaptformer.tokenizers.2d.stems.", "collection"),
+    ("input_adaptformer.tokenizers.3d.stems.", "collection"),
 )
 
 
@@ -221,7 +225,13 @@ class Medformer(nn.Module):
         super().__init__()
         self.config = cfg = config or MedformerConfig()
         self.input_adaptformer = InputAdaptformer(
-            cfg.dim, cfg.patch_size_2d, cfg.patch_size_3d, cfg.num_latents, cfg.tokenizer, cfg.stem_width_3d
+            cfg.dim,
+            cfg.patch_size_2d,
+            cfg.patch_size_3d,
+            cfg.num_latents,
+            cfg.tokenizer,
+            cfg.stem_width_3d,
+            cfg.collection_stems,
         )
         self.body = Body(
             cfg.dim, cfg.depth, cfg.heads, cfg.mlp_ratio, cfg.qkv_bias, cfg.drop_path, cfg.checkpointing
